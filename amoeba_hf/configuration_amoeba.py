@@ -1,0 +1,94 @@
+"""Configuration of the any-shape model: a Llama-style architecture plus the shape space it can be cut to."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.models.llama.configuration_llama import LlamaConfig
+
+SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2")
+WIDTH_MODES = ("uniform", "global")
+AUTO_MAP = {
+    "AutoConfig": "configuration_amoeba.AmoebaConfig",
+    "AutoModel": "modeling_amoeba.AmoebaModel",
+    "AutoModelForCausalLM": "modeling_amoeba.AmoebaForCausalLM",
+}
+
+
+@strict
+class AmoebaConfig(LlamaConfig):
+    """Llama-style config extended with the shape space of AmoebaLLM.
+
+    A *shape* is `(depth, width)`. `depth_table[str(d)]` lists the layer indices kept at depth `d` (missing
+    table: drop layers from the end, always keeping the last one). `width` is the fraction of decoder
+    attention+MLP parameters kept; every layer keeps a prefix of its importance-ordered KV groups and MLP
+    neurons, the same fraction everywhere (`width_mode="uniform"`) or one global importance threshold
+    (`width_mode="global"`, needs calibrated importance scores).
+
+    `layer_num_key_value_heads` / `layer_intermediate_sizes` give per-layer sizes for a statically exported,
+    physically sliced subnet whose layers differ in width; `None` means every layer has the full size.
+    """
+
+    model_type = "amoeba"
+
+    source_model_type: str = "llama"
+    qkv_bias: bool = False
+    sliding_window: int | None = None
+    min_depth: int | None = None
+    depth_table: dict[str, list[int]] | None = None
+    min_width: float = 0.5
+    width_grid: list[float] | None = None
+    width_mode: str = "uniform"
+    bias_compensation: bool = False
+    layer_num_key_value_heads: list[int] | None = None
+    layer_intermediate_sizes: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.min_depth is None:
+            self.min_depth = max(1, (self.num_hidden_layers + 1) // 2)
+        if self.width_grid is None:
+            self.width_grid = [w for w in (1.0, 0.875, 0.75, 0.625, 0.5) if w >= self.min_width]
+        if getattr(self, "auto_map", None) is None:
+            self.auto_map = dict(AUTO_MAP)
+
+    def validate_architecture(self):
+        """Part of `@strict` validation: the shape space must be consistent with the architecture.
+
+        Unlike Llama, `hidden_size` need not be a multiple of the head count: `head_dim` is explicit, and a
+        subnet keeping some KV groups rarely divides the hidden size.
+        """
+        num_layers = self.num_hidden_layers
+        if self.source_model_type not in SUPPORTED_SOURCE_TYPES:
+            raise ValueError(
+                f"source_model_type={self.source_model_type!r} is not supported; "
+                f"supported: {', '.join(SUPPORTED_SOURCE_TYPES)}"
+            )
+        if self.head_dim is None or self.head_dim <= 0:
+            raise ValueError(f"head_dim must be a positive int, got {self.head_dim}")
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.min_depth is not None and not 1 <= self.min_depth <= num_layers:
+            raise ValueError(f"min_depth must be in [1, {num_layers}], got {self.min_depth}")
+        if not 0.0 < self.min_width <= 1.0:
+            raise ValueError(f"min_width must be in (0, 1], got {self.min_width}")
+        if self.width_mode not in WIDTH_MODES:
+            raise ValueError(f"width_mode must be one of {WIDTH_MODES}, got {self.width_mode!r}")
+        for width in self.width_grid or ():
+            if not self.min_width <= width <= 1.0:
+                raise ValueError(f"width_grid value {width} is outside [min_width={self.min_width}, 1]")
+        if self.depth_table is not None:
+            for key, layers in self.depth_table.items():
+                if not key.isdigit() or int(key) != len(layers):
+                    raise ValueError(f"depth_table[{key!r}] must list exactly {key} layers, got {len(layers)}")
+                if sorted(set(layers)) != list(layers) or not all(0 <= i < num_layers for i in layers):
+                    raise ValueError(
+                        f"depth_table[{key!r}] must be sorted, unique layer indices in [0, {num_layers}), got {layers}"
+                    )
+        for name in ("layer_num_key_value_heads", "layer_intermediate_sizes"):
+            sizes = getattr(self, name)
+            if sizes is not None and len(sizes) != num_layers:
+                raise ValueError(f"{name} must have one entry per layer ({num_layers}), got {len(sizes)}")
+
+
+__all__ = ["AmoebaConfig", "SUPPORTED_SOURCE_TYPES"]

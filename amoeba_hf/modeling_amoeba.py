@@ -1,0 +1,349 @@
+"""The any-shape model: Llama pieces whose layers can be skipped and whose widths are sliced in place.
+
+Subclassing the Llama modules keeps the state-dict keys of `LlamaForCausalLM`, so Llama-family weights load
+directly, and every shape computes exactly what a physically pruned `LlamaForCausalLM` computes.
+"""
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaModel,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
+from .elastic_linear import ElasticLinear
+from .shape_space import GlobalWidthAllocator, LayerWidth, ShapeSpace, full_layer_sizes
+from .subnet_export import amoeba_config_from_source, build_subnet
+
+logger = logging.get_logger(__name__)
+
+
+class Shape(NamedTuple):
+    depth: int
+    width: float
+
+
+class AmoebaMLP(LlamaMLP):
+    """SwiGLU MLP whose active neurons are a prefix of the (importance-ordered) intermediate channels."""
+
+    def __init__(self, config: AmoebaConfig, intermediate_size: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.intermediate_size = intermediate_size
+        self.gate_proj = ElasticLinear(self.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.up_proj = ElasticLinear(self.hidden_size, intermediate_size, bias=config.mlp_bias)
+        self.down_proj = ElasticLinear(
+            intermediate_size, self.hidden_size, bias=config.mlp_bias, track_input_mean=config.bias_compensation
+        )
+        self.act_fn = ACT2FN[config.hidden_act]
+        if config.width_mode == "global":
+            self.register_buffer("neuron_importance", torch.zeros(intermediate_size))
+
+    def set_width(self, neurons: int) -> None:
+        self.gate_proj.set_active(active_out=neurons)
+        self.up_proj.set_active(active_out=neurons)
+        self.down_proj.set_active(active_in=neurons)
+
+
+class AmoebaAttention(LlamaAttention):
+    """GQA attention that keeps a prefix of whole KV groups (each with all its query heads)."""
+
+    def __init__(self, config: AmoebaConfig, layer_idx: int, key_value_heads: int):
+        nn.Module.__init__(self)
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = True
+        query_dim = key_value_heads * self.num_key_value_groups * self.head_dim
+        kv_dim = key_value_heads * self.head_dim
+        in_bias = config.attention_bias or config.qkv_bias
+        self.q_proj = ElasticLinear(config.hidden_size, query_dim, bias=in_bias)
+        self.k_proj = ElasticLinear(config.hidden_size, kv_dim, bias=in_bias)
+        self.v_proj = ElasticLinear(config.hidden_size, kv_dim, bias=in_bias)
+        self.o_proj = ElasticLinear(
+            query_dim, config.hidden_size, bias=config.attention_bias, track_input_mean=config.bias_compensation
+        )
+        if config.width_mode == "global":
+            self.register_buffer("group_importance", torch.zeros(key_value_heads))
+
+    def set_width(self, key_value_groups: int) -> None:
+        kv_dim = key_value_groups * self.head_dim
+        query_dim = kv_dim * self.num_key_value_groups
+        self.q_proj.set_active(active_out=query_dim)
+        self.k_proj.set_active(active_out=kv_dim)
+        self.v_proj.set_active(active_out=kv_dim)
+        self.o_proj.set_active(active_in=query_dim)
+
+
+class AmoebaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, config: AmoebaConfig, layer_idx: int, size: LayerWidth):
+        GradientCheckpointingLayer.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = AmoebaAttention(config, layer_idx, size.key_value_groups)
+        self.mlp = AmoebaMLP(config, size.intermediate_size)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def set_width(self, size: LayerWidth) -> None:
+        self.self_attn.set_width(size.key_value_groups)
+        self.mlp.set_width(size.intermediate_size)
+
+
+class AmoebaPreTrainedModel(LlamaPreTrainedModel):
+    config_class = AmoebaConfig
+    config: AmoebaConfig
+    _no_split_modules = ["AmoebaDecoderLayer"]
+    _can_record_outputs = {"hidden_states": AmoebaDecoderLayer, "attentions": AmoebaAttention}
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Calibration buffers start at zero (no compensation, no importance) when absent from a checkpoint."""
+        super()._init_weights(module)
+        for name in ("input_mean", "neuron_importance", "group_importance"):
+            buffer = getattr(module, name, None)
+            if isinstance(buffer, torch.Tensor):
+                init.zeros_(buffer)
+
+
+class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
+    """Decoder stack that runs only the layers of the current shape, each at its current width."""
+
+    def __init__(self, config: AmoebaConfig):
+        AmoebaPreTrainedModel.__init__(self, config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [AmoebaDecoderLayer(config, i, size) for i, size in enumerate(full_layer_sizes(config))]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+        self._shape_space: ShapeSpace | None = None
+        self._shape = Shape(config.num_hidden_layers, 1.0)
+        self._active_layers: list[AmoebaDecoderLayer] = list(self.layers)
+        self.post_init()
+
+    @property
+    def shape_space(self) -> ShapeSpace:
+        if self._shape_space is None:
+            allocator = None
+            if self.config.width_mode == "global":
+                allocator = GlobalWidthAllocator(
+                    self.config,
+                    [layer.self_attn.group_importance for layer in self.layers],
+                    [layer.mlp.neuron_importance for layer in self.layers],
+                )
+            self._shape_space = ShapeSpace(self.config, allocator)
+        return self._shape_space
+
+    def reset_shape_space(self) -> None:
+        """Rebuild the shape space after the config's tables or the importance buffers changed."""
+        self._shape_space = None
+        self.set_shape(self.config.num_hidden_layers, 1.0)
+
+    @property
+    def shape(self) -> Shape:
+        return self._shape
+
+    def set_shape(self, depth: int, width: float = 1.0) -> None:
+        """Activate a shape: pick the depth's layers (compact KV-cache slots) and slice each layer's width."""
+        depth, width = self.shape_space.validate(depth, width)
+        widths = self.shape_space.layer_widths(depth, width)
+        active = []
+        for slot, index in enumerate(sorted(widths)):
+            layer = self.layers[index]
+            layer.self_attn.layer_idx = slot
+            layer.set_width(widths[index])
+            active.append(layer)
+        self._active_layers = active
+        self._shape = Shape(depth, width)
+
+    def _check_cache(self, cache: Cache) -> None:
+        """A cache filled at one shape holds keys of other layers/widths: refuse to mix it with another shape."""
+        filled_at = getattr(cache, "amoeba_shape", None)
+        if filled_at is None:
+            cache.amoeba_shape = self._shape
+        elif filled_at != self._shape:
+            raise ValueError(
+                f"This KV cache was filled at shape depth={filled_at.depth}, width={filled_at.width}, but the model "
+                f"is now at depth={self._shape.depth}, width={self._shape.width}. A cache cannot be reused across "
+                "shapes: start from a new cache (generate() does this for you)."
+            )
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None:
+            self._check_cache(cache)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        if self.config.sliding_window is not None:
+            kwargs["sliding_window"] = self.config.sliding_window
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for decoder_layer in self._active_layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=causal_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=cache,
+                use_cache=use_cache,
+                **kwargs,
+            )
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
+
+
+class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin):
+    """Causal LM of any shape: `set_shape(depth, width)`, then forward/generate run that subnet for real."""
+
+    def __init__(self, config: AmoebaConfig):
+        AmoebaPreTrainedModel.__init__(self, config)
+        self.model = AmoebaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    @property
+    def shape_space(self) -> ShapeSpace:
+        return self.model.shape_space
+
+    @property
+    def shape(self) -> Shape:
+        return self.model.shape
+
+    def set_shape(self, depth: int, width: float = 1.0) -> "AmoebaForCausalLM":
+        """Switch to a shape in place (no weight copies); returns the model for chaining."""
+        self.model.set_shape(depth, width)
+        return self
+
+    @contextmanager
+    def shaped(self, depth: int, width: float = 1.0) -> Iterator["AmoebaForCausalLM"]:
+        """Run a block at a shape and restore the previous shape afterwards, even on error."""
+        previous = self.shape
+        self.set_shape(depth, width)
+        try:
+            yield self
+        finally:
+            self.set_shape(*previous)
+
+    def export_subnet(self, depth: int | None = None, width: float | None = None) -> PreTrainedModel:
+        """A physically smaller copy of one shape (default: the current one), independent of this model.
+
+        Uniform widths become the source family's stock class (e.g. `LlamaForCausalLM`), loadable without
+        remote code. Shapes a stock config cannot express (per-layer widths, compensation biases where the
+        family has no output bias) become a static `AmoebaForCausalLM` with per-layer sizes; the reason is logged.
+        """
+        shape = Shape(*self.shape_space.validate(
+            self.shape.depth if depth is None else depth, self.shape.width if width is None else width
+        ))
+        with self.shaped(*shape):
+            return build_subnet(self, type(self))
+
+    @classmethod
+    def from_llama(
+        cls,
+        source: PreTrainedModel | str | os.PathLike,
+        *,
+        gguf_file: str | None = None,
+        min_depth: int | None = None,
+        min_width: float = 0.5,
+        width_grid: list[float] | None = None,
+        dtype: torch.dtype = torch.float32,
+        **load_kwargs,
+    ) -> "AmoebaForCausalLM":
+        """Convert a Llama-family causal LM (a model, a local folder, a Hub id or a GGUF file) to any-shape form.
+
+        Supported source architectures: Llama (incl. SmolLM2, TinyLlama, Llama-2/3), Mistral, Qwen2. The full
+        shape computes exactly what the source model computes.
+        """
+        if isinstance(source, (str, os.PathLike)):
+            source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, **load_kwargs)
+            amoeba_config_from_source(source_config)
+            source = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype, **load_kwargs)
+        config = amoeba_config_from_source(
+            source.config, min_depth=min_depth, min_width=min_width, width_grid=width_grid
+        )
+        with init.no_init_weights():
+            model = cls(config)
+        model.load_state_dict(source.state_dict(), strict=True, assign=True)
+        model.tie_weights()
+        return model.to(dtype)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with a clear error for a corrupt or truncated weight file."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            if type(error).__name__ == "SafetensorError" or "deserializ" in str(error).lower():
+                raise OSError(
+                    f"The weights of {pretrained_model_name_or_path} are corrupt or truncated ({error}). "
+                    "Re-download the checkpoint or save it again."
+                ) from error
+            raise
+
+
+__all__ = [
+    "AmoebaForCausalLM",
+    "AmoebaModel",
+    "AmoebaPreTrainedModel",
+    "Shape",
+    "SUPPORTED_SOURCE_TYPES",
+]

@@ -1,0 +1,169 @@
+"""The shape space: which layers a depth keeps, how many KV groups and neurons a width keeps, and what it costs.
+
+Pure functions of the config (plus, for global widths, per-layer importance scores), so that training, export,
+evaluation and deployment code agree on what a shape is without touching weights.
+"""
+
+import math
+from dataclasses import dataclass
+from numbers import Real
+
+import torch
+
+
+@dataclass(frozen=True)
+class LayerWidth:
+    """Active size of one decoder layer: whole KV groups of attention and a prefix of MLP neurons."""
+
+    key_value_groups: int
+    intermediate_size: int
+
+
+def default_depth_table(num_layers: int, min_depth: int) -> dict[str, list[int]]:
+    """Uncalibrated table: drop layers from the end but keep the last one (it maps to the output space)."""
+    table = {str(num_layers): list(range(num_layers))}
+    for depth in range(min_depth, num_layers):
+        table[str(depth)] = list(range(depth - 1)) + [num_layers - 1]
+    return table
+
+
+def full_layer_sizes(config) -> list[LayerWidth]:
+    """Physical size of every layer (differs per layer only in a statically exported subnet)."""
+    num_layers = config.num_hidden_layers
+    kv_heads = config.layer_num_key_value_heads or [config.num_key_value_heads] * num_layers
+    intermediate = config.layer_intermediate_sizes or [config.intermediate_size] * num_layers
+    return [LayerWidth(k, i) for k, i in zip(kv_heads, intermediate)]
+
+
+def group_cost(config) -> int:
+    """Parameters of one KV group: its query heads' q rows and o columns plus its own k and v rows."""
+    queries_per_group = config.num_attention_heads // config.num_key_value_heads
+    per_head = config.hidden_size * config.head_dim
+    bias = config.head_dim * (queries_per_group + 2) if (config.attention_bias or config.qkv_bias) else 0
+    return per_head * (2 * queries_per_group + 2) + bias
+
+
+def neuron_cost(config) -> int:
+    """Parameters of one MLP neuron: a gate row, an up row and a down column."""
+    return 3 * config.hidden_size + (2 if config.mlp_bias else 0)
+
+
+def fixed_layer_cost(config) -> int:
+    """Parameters of a kept layer that no width removes: two RMSNorms and output biases."""
+    out_biases = (1 if config.attention_bias else 0) + (1 if config.mlp_bias else 0)
+    return config.hidden_size * (2 + out_biases)
+
+
+def uniform_layer_width(config, full: LayerWidth, width: float) -> LayerWidth:
+    """Same fraction in every layer: round KV groups, then fill the layer's budget with MLP neurons."""
+    g_cost, n_cost = group_cost(config), neuron_cost(config)
+    groups = min(full.key_value_groups, max(1, math.floor(width * full.key_value_groups + 0.5)))
+    budget = width * (full.key_value_groups * g_cost + full.intermediate_size * n_cost)
+    neurons = min(full.intermediate_size, max(1, math.floor((budget - groups * g_cost) / n_cost + 0.5)))
+    return LayerWidth(groups, neurons)
+
+
+class GlobalWidthAllocator:
+    """One importance threshold over the items (KV groups, neurons) of all active layers, weighted by cost.
+
+    Scores must be sorted descending within each layer (weights are permuted by importance, so a layer's kept
+    items are a prefix). Every layer keeps at least one group and one neuron. The global order is sorted once;
+    a width then costs one masked cumulative sum.
+    """
+
+    def __init__(self, config, group_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor]):
+        g_cost, n_cost = group_cost(config), neuron_cost(config)
+        layers, costs, scores = [], [], []
+        for index, (groups, neurons) in enumerate(zip(group_scores, neuron_scores)):
+            for values, cost in ((groups, g_cost), (neurons, n_cost)):
+                optional = values.detach().float().cpu()[1:]
+                scores.append(optional)
+                costs.append(torch.full_like(optional, float(cost), dtype=torch.float64))
+                layers.append(torch.full_like(optional, 2 * index + (0 if cost == g_cost else 1), dtype=torch.long))
+        order = torch.argsort(torch.cat(scores), descending=True, stable=True)
+        self._slot = torch.cat(layers)[order]
+        self._cost = torch.cat(costs)[order]
+        self._num_layers = len(group_scores)
+        self._full = [LayerWidth(len(g), len(n)) for g, n in zip(group_scores, neuron_scores)]
+        self._g_cost, self._n_cost = g_cost, n_cost
+
+    def layer_widths(self, width: float, active_layers: list[int]) -> dict[int, LayerWidth]:
+        active = torch.zeros(2 * self._num_layers, dtype=torch.bool)
+        for index in active_layers:
+            active[2 * index : 2 * index + 2] = True
+        keep_mask = active[self._slot]
+        total = sum(f.key_value_groups * self._g_cost + f.intermediate_size * self._n_cost for f in
+                    (self._full[i] for i in active_layers))
+        mandatory = len(active_layers) * (self._g_cost + self._n_cost)
+        budget = width * total - mandatory
+        spent = torch.cumsum(self._cost * keep_mask, dim=0)
+        selected = keep_mask & (spent <= budget + 0.5 * self._n_cost)
+        extra = torch.bincount(self._slot[selected], minlength=2 * self._num_layers).tolist()
+        return {i: LayerWidth(1 + extra[2 * i], 1 + extra[2 * i + 1]) for i in active_layers}
+
+
+class ShapeSpace:
+    """Valid shapes of a model and what each keeps. Built from the config; global widths need the allocator."""
+
+    def __init__(self, config, allocator: GlobalWidthAllocator | None = None):
+        self.num_layers = config.num_hidden_layers
+        self.min_depth = config.min_depth
+        self.min_width = config.min_width
+        self.width_grid = sorted(config.width_grid, reverse=True)
+        self.width_mode = config.width_mode
+        self.depth_table = config.depth_table or default_depth_table(self.num_layers, self.min_depth)
+        self.full_sizes = full_layer_sizes(config)
+        self._config = config
+        self._allocator = allocator
+        if self.width_mode == "global" and allocator is None:
+            raise ValueError("width_mode='global' needs calibrated importance scores (run Stage-1 calibration)")
+
+    @property
+    def depths(self) -> list[int]:
+        return sorted((int(d) for d in self.depth_table), reverse=True)
+
+    def validate(self, depth, width) -> tuple[int, float]:
+        """Normalise a shape or raise a ValueError that says what is valid."""
+        if isinstance(depth, bool) or not isinstance(depth, int):
+            raise ValueError(f"depth must be an int in {self.min_depth}..{self.num_layers}, got {depth!r}")
+        if str(depth) not in self.depth_table:
+            raise ValueError(f"depth {depth} is not in the shape space; valid depths: {self.min_depth}..{self.num_layers}")
+        if isinstance(width, bool) or not isinstance(width, Real) or math.isnan(float(width)):
+            raise ValueError(f"width must be a number in [{self.min_width}, 1.0], got {width!r}")
+        width = float(width)
+        if not self.min_width <= width <= 1.0:
+            raise ValueError(f"width {width} is outside [{self.min_width}, 1.0] (min_width of this model)")
+        return depth, width
+
+    def kept_layers(self, depth: int) -> list[int]:
+        return list(self.depth_table[str(depth)])
+
+    def layer_widths(self, depth: int, width: float) -> dict[int, LayerWidth]:
+        """Active size of every kept layer at this shape (layer index -> size)."""
+        kept = self.kept_layers(depth)
+        if width == 1.0:
+            return {i: self.full_sizes[i] for i in kept}
+        if self.width_mode == "global":
+            return self._allocator.layer_widths(width, kept)
+        return {i: uniform_layer_width(self._config, self.full_sizes[i], width) for i in kept}
+
+    def is_uniform(self, depth: int, width: float) -> bool:
+        """Whether every kept layer has the same size (then a plain family config can express the shape)."""
+        return len(set(self.layer_widths(depth, width).values())) == 1
+
+    def parameter_count(self, depth: int, width: float) -> int:
+        """Parameters of the physically sliced subnet (embeddings and head included, tied weights once)."""
+        config = self._config
+        embed = config.vocab_size * config.hidden_size
+        total = embed * (1 if config.tie_word_embeddings else 2) + config.hidden_size
+        g_cost, n_cost, fixed = group_cost(config), neuron_cost(config), fixed_layer_cost(config)
+        for size in self.layer_widths(depth, width).values():
+            total += fixed + size.key_value_groups * g_cost + size.intermediate_size * n_cost
+        return total
+
+    def grid(self) -> list[tuple[int, float]]:
+        """The training/evaluation grid: every depth of the table times every width of `width_grid`."""
+        return [(d, w) for d in self.depths for w in self.width_grid]
+
+
+__all__ = ["LayerWidth", "ShapeSpace", "GlobalWidthAllocator", "default_depth_table", "uniform_layer_width"]

@@ -1,0 +1,166 @@
+"""Conversion between source-family configs and the any-shape config, and physical export of one shape."""
+
+import copy
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import logging
+
+from .configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
+from .shape_space import LayerWidth
+
+logger = logging.get_logger(__name__)
+
+_COMMON_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+
+
+def amoeba_config_from_source(
+    source: PreTrainedConfig,
+    min_depth: int | None = None,
+    min_width: float = 0.5,
+    width_grid: list[float] | None = None,
+) -> AmoebaConfig:
+    """Any-shape config for a Llama/Mistral/Qwen2 config; other architectures get an error naming the supported."""
+    model_type = getattr(source, "model_type", None)
+    if model_type not in SUPPORTED_SOURCE_TYPES:
+        raise ValueError(
+            f"Cannot convert a {model_type!r} model: supported architectures are {', '.join(SUPPORTED_SOURCE_TYPES)} "
+            "(Llama covers SmolLM2, TinyLlama and Llama-2/3)."
+        )
+    fields = {name: getattr(source, name) for name in _COMMON_FIELDS if hasattr(source, name)}
+    fields["head_dim"] = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
+    if model_type == "llama":
+        fields.update(attention_bias=source.attention_bias, mlp_bias=source.mlp_bias)
+    elif model_type == "mistral":
+        fields.update(sliding_window=source.sliding_window)
+    else:
+        if any(kind != "full_attention" for kind in (source.layer_types or [])):
+            raise ValueError("Qwen2 checkpoints with sliding-window layers (use_sliding_window=True) are not supported")
+        fields.update(qkv_bias=True)
+    if width_grid is not None:
+        fields["width_grid"] = list(width_grid)
+    return AmoebaConfig(
+        source_model_type=model_type, min_depth=min_depth, min_width=min_width, **fields
+    )
+
+
+def _family_config(config: AmoebaConfig, depth: int, size: LayerWidth, attention_out_bias: bool,
+                   mlp_out_bias: bool) -> PreTrainedConfig:
+    """Stock config of the source family for a uniform shape; raises ValueError if the family cannot express it."""
+    if (attention_out_bias or mlp_out_bias) and config.source_model_type != "llama":
+        raise ValueError(f"{config.source_model_type} has no output-projection biases for bias compensation")
+    fields = {name: getattr(config, name) for name in _COMMON_FIELDS}
+    fields.update(
+        num_hidden_layers=depth,
+        num_key_value_heads=size.key_value_groups,
+        num_attention_heads=size.key_value_groups * (config.num_attention_heads // config.num_key_value_heads),
+        intermediate_size=size.intermediate_size,
+        head_dim=config.head_dim,
+    )
+    if config.source_model_type == "llama":
+        fields.update(attention_bias=config.attention_bias or attention_out_bias, mlp_bias=config.mlp_bias or mlp_out_bias)
+    elif config.source_model_type == "mistral":
+        fields.update(sliding_window=config.sliding_window)
+    else:
+        fields.update(use_sliding_window=False)
+        if config.hidden_size % fields["num_attention_heads"] or config.hidden_size // fields["num_attention_heads"] != config.head_dim:
+            raise ValueError("Qwen2 derives head_dim from hidden_size / num_attention_heads, which this shape breaks")
+    return AutoConfig.for_model(config.source_model_type, **fields)
+
+
+def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_bias: bool,
+                   mlp_out_bias: bool) -> AmoebaConfig:
+    """Any-shape config with fixed per-layer sizes and a single shape: the physically sliced subnet."""
+    fields = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    fields.update(
+        num_hidden_layers=len(sizes),
+        layer_num_key_value_heads=[s.key_value_groups for s in sizes],
+        layer_intermediate_sizes=[s.intermediate_size for s in sizes],
+        depth_table=None,
+        min_depth=len(sizes),
+        min_width=1.0,
+        width_grid=[1.0],
+        width_mode="uniform",
+        bias_compensation=False,
+        attention_bias=config.attention_bias or attention_out_bias,
+        mlp_bias=config.mlp_bias or mlp_out_bias,
+    )
+    return type(config)(**fields)
+
+
+def _active_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The current shape's weights under the key names of a compact Llama state dict (views, not copies)."""
+    inner = model.model
+    tensors = {"model.embed_tokens.weight": inner.embed_tokens.weight, "model.norm.weight": inner.norm.weight}
+    tensors["lm_head.weight"] = model.lm_head.weight
+    for slot, layer in enumerate(inner._active_layers):
+        prefix = f"model.layers.{slot}."
+        tensors[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight
+        tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
+        for name, module in layer.named_modules():
+            if hasattr(module, "active_weight"):
+                tensors[f"{prefix}{name}.weight"] = module.active_weight()
+                bias = module.active_bias()
+                if bias is not None:
+                    tensors[f"{prefix}{name}.bias"] = bias
+    return tensors
+
+
+def build_subnet(model: PreTrainedModel, amoeba_class: type) -> PreTrainedModel:
+    """Physically sliced copy of `model` at its current shape (see `AmoebaForCausalLM.export_subnet`)."""
+    config = model.config
+    depth = model.shape.depth
+    layer_widths = model.shape_space.layer_widths(*model.shape)
+    sizes = [layer_widths[i] for i in sorted(layer_widths)]
+    layers = model.model._active_layers
+    attention_out_bias = any(layer.self_attn.o_proj.compensation is not None for layer in layers)
+    mlp_out_bias = any(layer.mlp.down_proj.compensation is not None for layer in layers)
+    try:
+        if len(set(sizes)) != 1:
+            raise ValueError("layers have different widths")
+        target_config = _family_config(config, depth, sizes[0], attention_out_bias, mlp_out_bias)
+        build = lambda: AutoModelForCausalLM.from_config(target_config, dtype=model.dtype)  # noqa: E731
+    except ValueError as reason:
+        logger.warning(
+            f"Shape {tuple(model.shape)} is not expressible as a stock {config.source_model_type} config ({reason}); "
+            "exporting a static, physically sliced AmoebaForCausalLM instead."
+        )
+        target_config = _static_config(config, sizes, attention_out_bias, mlp_out_bias)
+        build = lambda: amoeba_class(target_config).to(model.dtype)  # noqa: E731
+    with init.no_init_weights():
+        target = build()
+    source = _active_tensors(model)
+    with torch.no_grad():
+        for key, tensor in target.state_dict().items():
+            if key in source:
+                tensor.copy_(source.pop(key))
+            elif key.endswith(".bias"):
+                tensor.zero_()
+            else:
+                raise RuntimeError(f"export produced no value for {key}")
+    leftover = [key for key in source if not (key == "lm_head.weight" and config.tie_word_embeddings)]
+    if leftover:
+        raise RuntimeError(f"export target has no place for {leftover}")
+    target.tie_weights()
+    target.generation_config = copy.deepcopy(model.generation_config)
+    return target.eval()
