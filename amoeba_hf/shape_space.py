@@ -54,12 +54,14 @@ def fixed_layer_cost(config) -> int:
     return config.hidden_size * (2 + out_biases)
 
 
-def uniform_layer_width(config, full: LayerWidth, width: float) -> LayerWidth:
-    """Same fraction in every layer: round KV groups, then fill the layer's budget with MLP neurons."""
-    g_cost, n_cost = group_cost(config), neuron_cost(config)
+def uniform_layer_width(full: LayerWidth, width: float) -> LayerWidth:
+    """Same fraction of KV groups and of MLP neurons in every layer, rounded to the nearest whole item.
+
+    Counts grow monotonically with width, so a narrower shape keeps a subset of a wider shape's items (nested).
+    With few KV groups the parameter ratio differs from `width`; `ShapeSpace.parameter_count` gives the exact one.
+    """
     groups = min(full.key_value_groups, max(1, math.floor(width * full.key_value_groups + 0.5)))
-    budget = width * (full.key_value_groups * g_cost + full.intermediate_size * n_cost)
-    neurons = min(full.intermediate_size, max(1, math.floor((budget - groups * g_cost) / n_cost + 0.5)))
+    neurons = min(full.intermediate_size, max(1, math.floor(width * full.intermediate_size + 0.5)))
     return LayerWidth(groups, neurons)
 
 
@@ -145,7 +147,7 @@ class ShapeSpace:
             return {i: self.full_sizes[i] for i in kept}
         if self.width_mode == "global":
             return self._allocator.layer_widths(width, kept)
-        return {i: uniform_layer_width(self._config, self.full_sizes[i], width) for i in kept}
+        return {i: uniform_layer_width(self.full_sizes[i], width) for i in kept}
 
     def is_uniform(self, depth: int, width: float) -> bool:
         """Whether every kept layer has the same size (then a plain family config can express the shape)."""

@@ -81,8 +81,6 @@ def _family_config(config: AmoebaConfig, depth: int, size: LayerWidth, attention
         fields.update(sliding_window=config.sliding_window)
     else:
         fields.update(use_sliding_window=False)
-        if config.hidden_size % fields["num_attention_heads"] or config.hidden_size // fields["num_attention_heads"] != config.head_dim:
-            raise ValueError("Qwen2 derives head_dim from hidden_size / num_attention_heads, which this shape breaks")
     return AutoConfig.for_model(config.source_model_type, **fields)
 
 

