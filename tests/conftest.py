@@ -104,8 +104,13 @@ def smollm2_tokenizer():
     return load_tokenizer(None)
 
 
-def run_without_amoeba_hf(code: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run Python code in a fresh process where `import amoeba_hf` fails (asserted inside the process)."""
+def run_without_amoeba_hf(
+    code: str, cwd: Path, timeout: int = 600, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Run Python code in a fresh process where `import amoeba_hf` fails (asserted inside the process).
+
+    The process is offline unless `env` says otherwise; `env` entries override the inherited environment.
+    """
     prelude = textwrap.dedent(
         """
         import importlib.abc, sys
@@ -124,9 +129,34 @@ def run_without_amoeba_hf(code: str, cwd: Path, timeout: int = 600) -> subproces
             raise SystemExit("amoeba_hf is importable: the test would prove nothing")
         """
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
+    process_env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    process_env["HF_HUB_OFFLINE"] = "1"
+    process_env.update(env or {})
     return subprocess.run(
         [sys.executable, "-c", prelude + textwrap.dedent(code)],
-        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=process_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+def tiny_tokenizer():
+    """Offline word-level tokenizer over the 97-token vocabulary of the tiny models ("w3" .. "w96")."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, 97)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def write_tiny_text(path: Path, documents: int = 40, words: int = 60, seed: int = 0) -> Path:
+    """JSONL calibration file of random documents in the tiny vocabulary (skewed so statistics differ)."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with path.open("w") as handle:
+        for _ in range(documents):
+            text = " ".join(f"w{min(96, 3 + int(rng.expovariate(0.08)))}" for _ in range(words))
+            handle.write(json.dumps({"text": text}) + "\n")
+    return path

@@ -1,0 +1,191 @@
+"""Stage 1 end to end: importance-ordered widths, then DP depth tables, written into the model (resumable)."""
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from .calibration_data import multiple_choice_prompts, text_blocks
+from .depth_selection import (
+    SCORES,
+    LayerRunner,
+    block_influence_table,
+    dp_depth_table,
+    drop_last_table,
+    kl_score,
+    multiple_choice_score,
+    perplexity_score,
+    removable_layers,
+)
+from .width_selection import WIDTH_METHODS, ChannelStatistics, apply_width_order, collect_statistics, layer_scores
+
+DEPTH_METHODS = ("dp", "block-influence", "drop-last")
+
+
+@dataclass
+class CalibrationSettings:
+    """Everything that determines the result; its hash guards resumption against changed settings."""
+
+    data: str
+    samples: int = 32
+    seq_len: int = 512
+    score: str = "ppl"
+    mc_data: str | None = None
+    min_depth: int | None = None
+    keep_last: int = 1
+    keep_first: bool = False
+    depth_method: str = "dp"
+    width_method: str = "flap"
+    width_mode: str = "global"
+    bias_compensation: bool = True
+    widths: list[float] | None = None
+    seed: int = 0
+    prefix_cache: bool = True
+    chunk_size: int = 4
+
+    def validate(self, num_layers: int) -> None:
+        if self.score not in SCORES:
+            raise ValueError(f"unknown score {self.score!r}; choose from {SCORES}")
+        if self.score == "mmlu" and not self.mc_data:
+            raise ValueError("score 'mmlu' needs multiple-choice prompts: pass mc_data (e.g. mmlu/zero_shot_val.jsonl)")
+        if self.depth_method not in DEPTH_METHODS:
+            raise ValueError(f"unknown depth method {self.depth_method!r}; choose from {DEPTH_METHODS}")
+        if self.width_method not in WIDTH_METHODS:
+            raise ValueError(f"unknown width method {self.width_method!r}; choose from {WIDTH_METHODS}")
+        if self.width_mode not in ("global", "uniform"):
+            raise ValueError(f"width_mode must be 'global' or 'uniform', got {self.width_mode!r}")
+        if self.min_depth is not None and not 1 <= self.min_depth <= num_layers:
+            raise ValueError(f"min_depth must be in [1, {num_layers}], got {self.min_depth}")
+        for width in self.widths or ():
+            if not 0.0 < width <= 1.0:
+                raise ValueError(f"width {width} is outside (0, 1]")
+        if not 0 <= self.keep_last < num_layers:
+            raise ValueError(f"keep_last must be in [0, {num_layers - 1}], got {self.keep_last}")
+
+    def fingerprint(self, model) -> str:
+        weights = model.model.layers[0].self_attn.q_proj.weight
+        payload = json.dumps(asdict(self), sort_keys=True) + f"{model.config.num_hidden_layers}:{weights.sum().item():.6e}"
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+@dataclass
+class CalibrationReport:
+    depth_table: dict[str, list[int]]
+    evaluations: int = 0
+    layer_forwards: int = 0
+    depth_seconds: float = 0.0
+    width_seconds: float = 0.0
+    resumed: bool = False
+    extras: dict = field(default_factory=dict)
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+
+def calibrate(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: CalibrationSettings,
+    state_dir: str | os.PathLike | None = None,
+    show_progress: bool = True,
+) -> CalibrationReport:
+    """Select widths (permuting the model in place) and depths for `model`; progress is saved in `state_dir`.
+
+    Re-running with the same settings and `state_dir` after an interruption continues where it stopped.
+    """
+    num_layers = model.config.num_hidden_layers
+    settings.validate(num_layers)
+    model.eval()
+    blocks = text_blocks(settings.data, tokenizer, settings.samples, settings.seq_len, settings.seed)
+    mc_batch = (
+        multiple_choice_prompts(settings.mc_data, tokenizer, settings.samples, settings.seed)
+        if settings.score == "mmlu" else None
+    )
+    min_depth = settings.min_depth or model.config.min_depth
+    scan = removable_layers(num_layers, settings.keep_last, settings.keep_first)
+    if num_layers - min_depth > len(scan):
+        raise ValueError(
+            f"min_depth {min_depth} would remove {num_layers - min_depth} layers, but only {len(scan)} are removable "
+            f"with keep_last={settings.keep_last}, keep_first={settings.keep_first}"
+        )
+    state_path = None
+    state = {}
+    fingerprint = settings.fingerprint(model)
+    if state_dir is not None:
+        state_path = Path(state_dir)
+        state_path.mkdir(parents=True, exist_ok=True)
+        meta = state_path / "state.json"
+        if meta.exists():
+            state = json.loads(meta.read_text())
+            if state.get("fingerprint") != fingerprint:
+                state = {}
+    resumed = bool(state)
+
+    start = time.perf_counter()
+    width_file = state_path / "width.pt" if state_path else None
+    if width_file is not None and state.get("width_done") and width_file.exists():
+        saved = torch.load(width_file)
+        stats = {(int(k.split(".")[0]), k.split(".")[1]): ChannelStatistics.from_state(v) for k, v in saved["stats"].items()}
+        group_scores, neuron_scores = saved["groups"], saved["neurons"]
+    else:
+        stats = collect_statistics(model, blocks, settings.chunk_size, show_progress)
+        group_scores, neuron_scores = layer_scores(model, stats, settings.width_method, settings.seed)
+        if width_file is not None:
+            tmp = width_file.with_suffix(".tmp")
+            saved_stats = {f"{i}.{kind}": s.to_state() for (i, kind), s in stats.items()}
+            torch.save({"stats": saved_stats, "groups": group_scores, "neurons": neuron_scores}, tmp)
+            os.replace(tmp, width_file)
+            state = {"fingerprint": fingerprint, "width_done": True}
+            _write_json(state_path / "state.json", state)
+    apply_width_order(model, group_scores, neuron_scores, stats, settings.width_mode, settings.bias_compensation)
+    width_seconds = time.perf_counter() - start
+
+    start = time.perf_counter()
+    max_removed = num_layers - min_depth
+    evaluations, layer_forwards = 0, 0
+    if max_removed == 0:
+        table = {str(num_layers): list(range(num_layers))}
+    elif settings.depth_method == "drop-last":
+        table = drop_last_table(num_layers, scan, max_removed)
+    else:
+        ids, mask = (mc_batch.input_ids, mc_batch.attention_mask) if mc_batch else (blocks, None)
+        runner = LayerRunner(model, ids, mask, settings.chunk_size)
+        if settings.depth_method == "block-influence":
+            table = block_influence_table(runner, scan, max_removed)
+        else:
+            if settings.prefix_cache or settings.score == "kl":
+                runner.cache_layer_inputs()
+            score = {
+                "ppl": lambda: perplexity_score(runner, blocks, settings.chunk_size),
+                "kl": lambda: kl_score(runner),
+                "mmlu": lambda: multiple_choice_score(runner, mc_batch, settings.chunk_size),
+            }[settings.score]()
+
+            def evaluate(removed: frozenset[int], boundary: int) -> float:
+                return score(runner.final_states(removed, boundary if settings.prefix_cache else 0))
+
+            def save_row(row_state: dict) -> None:
+                if state_path is not None:
+                    _write_json(state_path / "state.json", {**state, "dp": row_state})
+
+            table, evaluations = dp_depth_table(
+                num_layers, scan, max_removed, evaluate, state.get("dp"), save_row, show_progress
+            )
+        layer_forwards = runner.layer_forwards
+    depth_seconds = time.perf_counter() - start
+
+    model.config.depth_table = table
+    model.config.min_depth = min_depth
+    if settings.widths:
+        model.config.min_width = min(settings.widths)
+        model.config.width_grid = sorted(settings.widths, reverse=True)
+    model.model.reset_shape_space()
+    return CalibrationReport(table, evaluations, layer_forwards, depth_seconds, width_seconds, resumed)

@@ -1,0 +1,91 @@
+"""Calibration inputs: token blocks from raw text, or multiple-choice prompts with a known answer letter.
+
+"N samples" means N blocks of exactly `seq_len` tokens (or N prompts): too little data is an error, never a
+silent shortfall.
+"""
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from transformers import PreTrainedTokenizerBase
+
+ANSWER_LETTERS = ("A", "B", "C", "D")
+
+
+@dataclass
+class MultipleChoiceBatch:
+    """Prompts right-padded to one length; the answer is read at `last_index` among the letter tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    last_index: torch.Tensor
+    letter_ids: torch.Tensor
+    answers: torch.Tensor
+
+
+def _load_records(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration file {path} does not exist")
+    builder = "text" if path.suffix == ".txt" else "json"
+    try:
+        dataset = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:
+        raise ValueError(f"cannot read calibration file {path} as {builder}: {error}") from error
+    if len(dataset) == 0:
+        raise ValueError(f"calibration file {path} is empty")
+    missing = [f for f in fields if f not in dataset.column_names]
+    if missing:
+        raise ValueError(f"calibration file {path} lacks field(s) {missing}; it has {dataset.column_names}")
+    return dataset.to_list()
+
+
+def text_blocks(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int = 0
+) -> torch.Tensor:
+    """`num_samples` blocks of `seq_len` tokens from documents (`.txt`: one per line; JSON/JSONL: `text` field).
+
+    Documents are shuffled with `seed`, joined with the EOS token and cut into consecutive blocks.
+    """
+    if num_samples < 1 or seq_len < 2:
+        raise ValueError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
+    documents = [r["text"] for r in _load_records(path, ("text",)) if r["text"] and r["text"].strip()]
+    if not documents:
+        raise ValueError(f"calibration file {path} has no non-empty text")
+    random.Random(seed).shuffle(documents)
+    separator = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(separator.join(documents), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    needed = num_samples * seq_len
+    if ids.numel() < needed:
+        raise ValueError(
+            f"calibration file {path} has {ids.numel():,} tokens, but {num_samples} samples of {seq_len} tokens "
+            f"need {needed:,}: lower --samples/--seq-len or add text"
+        )
+    return ids[:needed].view(num_samples, seq_len).clone()
+
+
+def multiple_choice_prompts(
+    path: str | Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, seed: int = 0
+) -> MultipleChoiceBatch:
+    """`num_samples` MMLU-style prompts (`input` ending in "Answer:", `output` a letter A-D), seeded selection."""
+    records = _load_records(path, ("input", "output"))
+    bad = [r["output"] for r in records if str(r["output"]).strip() not in ANSWER_LETTERS]
+    if bad:
+        raise ValueError(f"{path}: every `output` must be one of {ANSWER_LETTERS}, found {bad[0]!r}")
+    if len(records) < num_samples:
+        raise ValueError(f"{path} has {len(records)} prompts, fewer than the {num_samples} samples requested")
+    chosen = random.Random(seed).sample(records, num_samples)
+    encoded = [tokenizer(r["input"], add_special_tokens=False)["input_ids"] for r in chosen]
+    length = max(len(e) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.full((num_samples, length), pad, dtype=torch.long)
+    attention_mask = torch.zeros((num_samples, length), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        attention_mask[row, : len(ids)] = 1
+    letter_ids = torch.tensor([tokenizer(" " + letter, add_special_tokens=False)["input_ids"][-1] for letter in ANSWER_LETTERS])
+    answers = torch.tensor([ANSWER_LETTERS.index(str(r["output"]).strip()) for r in chosen])
+    return MultipleChoiceBatch(input_ids, attention_mask, attention_mask.sum(1) - 1, letter_ids, answers)

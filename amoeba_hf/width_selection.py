@@ -1,0 +1,163 @@
+"""Which KV groups and MLP neurons each width keeps: FLAP-style importance (AmoebaLLM §3) and baselines.
+
+Statistics of the inputs of `o_proj` and `down_proj` are streamed over calibration tokens. Each layer's groups
+and neurons are then permuted by importance (the full model's function is unchanged), so every width keeps a
+prefix and slicing stays a view.
+"""
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+WIDTH_METHODS = ("flap", "magnitude", "wanda-sp", "random")
+
+
+class ChannelStatistics:
+    """Exact streaming mean and variance per channel (Chan et al. parallel update, float64 accumulators)."""
+
+    def __init__(self, size: int):
+        self.count = 0
+        self.mean = torch.zeros(size, dtype=torch.float64)
+        self.m2 = torch.zeros(size, dtype=torch.float64)
+
+    def update(self, values: torch.Tensor) -> None:
+        rows = values.reshape(-1, values.shape[-1]).double()
+        batch_count = rows.shape[0]
+        batch_mean = rows.mean(0)
+        batch_m2 = ((rows - batch_mean) ** 2).sum(0)
+        total = self.count + batch_count
+        delta = batch_mean - self.mean
+        self.mean += delta * batch_count / total
+        self.m2 += batch_m2 + delta**2 * self.count * batch_count / total
+        self.count = total
+
+    def to_state(self) -> dict:
+        return {"count": torch.tensor(self.count), "mean": self.mean, "m2": self.m2}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "ChannelStatistics":
+        stats = cls(state["mean"].numel())
+        stats.count, stats.mean, stats.m2 = int(state["count"]), state["mean"], state["m2"]
+        return stats
+
+    @property
+    def variance(self) -> torch.Tensor:
+        """Population variance over all tokens seen."""
+        return self.m2 / self.count
+
+    @property
+    def mean_square(self) -> torch.Tensor:
+        return self.variance + self.mean**2
+
+
+def collect_statistics(model, input_ids: torch.Tensor, chunk_size: int = 4, show_progress: bool = True) -> dict:
+    """Per layer, statistics of the inputs of o_proj ("attention") and down_proj ("mlp") at full shape."""
+    model.set_shape(model.config.num_hidden_layers, 1.0)
+    stats, hooks = {}, []
+    for index, layer in enumerate(model.model.layers):
+        for kind, linear in (("attention", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+            stats[index, kind] = ChannelStatistics(linear.in_features)
+            hooks.append(linear.register_forward_pre_hook(lambda _m, args, s=stats[index, kind]: s.update(args[0])))
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, input_ids.shape[0], chunk_size), desc="width statistics", disable=not show_progress):
+                model(input_ids[start : start + chunk_size], use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return stats
+
+
+def _standardise(scores: torch.Tensor) -> torch.Tensor:
+    std = scores.std()
+    return (scores - scores.mean()) / (std if std > 0 else 1.0)
+
+
+def channel_scores(method: str, linear: nn.Linear, stats: ChannelStatistics, generator: torch.Generator) -> torch.Tensor:
+    """Importance of each input channel of an output projection (higher is kept longer)."""
+    weight = linear.weight.detach().double()
+    if method == "flap":
+        return stats.variance * weight.pow(2).sum(0)
+    if method == "magnitude":
+        return weight.pow(2).sum(0).sqrt()
+    if method == "wanda-sp":
+        return weight.abs().sum(0) * stats.mean_square.sqrt()
+    if method == "random":
+        return torch.rand(weight.shape[1], generator=generator, dtype=torch.float64)
+    raise ValueError(f"unknown width method {method!r}; choose from {WIDTH_METHODS}")
+
+
+def layer_scores(model, stats: dict, method: str = "flap", seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Standardised importance per KV group and per neuron, per layer (z-scores, comparable across layers)."""
+    generator = torch.Generator().manual_seed(seed)
+    config = model.config
+    group_width = config.num_attention_heads // config.num_key_value_heads * config.head_dim
+    group_scores, neuron_scores = [], []
+    for index, layer in enumerate(model.model.layers):
+        attention = _standardise(channel_scores(method, layer.self_attn.o_proj, stats[index, "attention"], generator))
+        group_scores.append(attention.view(-1, group_width).mean(1))
+        neuron_scores.append(_standardise(channel_scores(method, layer.mlp.down_proj, stats[index, "mlp"], generator)))
+    return group_scores, neuron_scores
+
+
+def _permute_rows(linear: nn.Linear, order: torch.Tensor, block: int) -> None:
+    weight = linear.weight.data
+    linear.weight.data = weight.view(-1, block, weight.shape[1])[order].reshape_as(weight).contiguous()
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data.view(-1, block)[order].reshape(-1).contiguous()
+
+
+def _permute_columns(linear: nn.Linear, order: torch.Tensor, block: int) -> None:
+    weight = linear.weight.data
+    linear.weight.data = weight.view(weight.shape[0], -1, block)[:, order].reshape_as(weight).contiguous()
+
+
+def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    module.register_buffer(name, value.to(torch.float32).contiguous())
+
+
+def apply_width_order(
+    model,
+    group_scores: list[torch.Tensor],
+    neuron_scores: list[torch.Tensor],
+    stats: dict | None,
+    width_mode: str = "global",
+    bias_compensation: bool = True,
+) -> None:
+    """Permute every layer by importance, store what set_shape needs, and switch the model's width mode.
+
+    Stores sorted importance (global mode) and per-channel input means (bias compensation) as buffers, so the
+    checkpoint carries them and any width can be cut later.
+    """
+    if bias_compensation and stats is None:
+        raise ValueError("bias compensation needs calibration statistics")
+    config = model.config
+    head_dim = config.head_dim
+    group_size = config.num_attention_heads // config.num_key_value_heads
+    for index, layer in enumerate(model.model.layers):
+        attention, mlp = layer.self_attn, layer.mlp
+        group_order = torch.argsort(group_scores[index], descending=True, stable=True)
+        neuron_order = torch.argsort(neuron_scores[index], descending=True, stable=True)
+        _permute_rows(attention.q_proj, group_order, group_size * head_dim)
+        _permute_rows(attention.k_proj, group_order, head_dim)
+        _permute_rows(attention.v_proj, group_order, head_dim)
+        _permute_columns(attention.o_proj, group_order, group_size * head_dim)
+        _permute_rows(mlp.gate_proj, neuron_order, 1)
+        _permute_rows(mlp.up_proj, neuron_order, 1)
+        _permute_columns(mlp.down_proj, neuron_order, 1)
+        if bias_compensation:
+            attention_mean = stats[index, "attention"].mean.view(-1, group_size * head_dim)[group_order].reshape(-1)
+            _set_buffer(attention.o_proj, "input_mean", attention_mean)
+            _set_buffer(mlp.down_proj, "input_mean", stats[index, "mlp"].mean[neuron_order])
+        else:
+            for linear in (attention.o_proj, mlp.down_proj):
+                linear._buffers.pop("input_mean", None)
+        if width_mode == "global":
+            _set_buffer(attention, "group_importance", group_scores[index][group_order])
+            _set_buffer(mlp, "neuron_importance", neuron_scores[index][neuron_order])
+        else:
+            attention._buffers.pop("group_importance", None)
+            mlp._buffers.pop("neuron_importance", None)
+    config.width_mode = width_mode
+    config.bias_compensation = bias_compensation
+    model.model.reset_shape_space()
