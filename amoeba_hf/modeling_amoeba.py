@@ -5,13 +5,15 @@ directly, and every shape computes exactly what a physically pruned `LlamaForCau
 """
 
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+from huggingface_hub import CommitInfo
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -35,6 +37,8 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
 from .elastic_linear import ElasticLinear
+from .hub import push_folder
+from .model_card import read_eval_rows, render_model_card, write_card
 from .shape_space import GlobalWidthAllocator, LayerWidth, ShapeSpace, full_layer_sizes
 from .subnet_export import amoeba_config_from_source, build_subnet
 
@@ -295,6 +299,66 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         ))
         with self.shaped(*shape):
             return build_subnet(self, type(self))
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
+    ) -> None:
+        """Stock save plus README.md, the any-shape model card, so that the folder is a complete Hub repo.
+
+        The card includes `amoeba_eval.json` if the folder holds one; it is rendered first, so a malformed file fails
+        before anything is written. `push_to_hub=True` goes through `push_to_hub` (a second save, to a temporary
+        folder), because the stock path would replace the card with a generic one.
+        """
+        card = render_model_card(self, read_eval_rows(save_directory))
+        hub_options = {
+            key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs
+        }
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if not self.should_save_on_this_rank(is_main_process):
+            return
+        write_card(card, save_directory)
+        if push_to_hub:
+            repo_id = hub_options.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
+            self.push_to_hub(repo_id, token=kwargs.get("token"), max_shard_size=kwargs.get("max_shard_size", "50GB"),
+                             **hub_options)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str = "50GB",
+        tags: list[str] | None = None,
+        exist_ok: bool = True,
+    ) -> CommitInfo:
+        """Upload weights, config, modeling files, the model card and (if given) the tokenizer in one commit.
+
+        Replaces the stock method, which would swap the any-shape card for a generic one. A failure raises
+        `HubPushError` (an OSError) with a one-line reason, and the repo then holds none of the files.
+        """
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, max_shard_size=max_shard_size)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+            if tags:
+                write_card(render_model_card(self, tags=tags), folder)
+            return push_folder(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                revision=revision,
+                exist_ok=exist_ok,
+                create_pr=create_pr,
+                commit_message=commit_message or "Upload any-shape model",
+                commit_description=commit_description,
+            )
 
     @classmethod
     def from_llama(
