@@ -2,6 +2,7 @@
 
 import argparse
 import sys
+import tempfile
 import traceback
 from collections.abc import Callable
 
@@ -12,7 +13,10 @@ EXAMPLES = {
     "  amoeba convert TinyLlama/TinyLlama-1.1B-Chat-v1.0 --out tinyllama-amoeba --min-depth 14",
     "shapes": "amoeba shapes smollm2-amoeba",
     "generate": 'amoeba generate smollm2-amoeba --depth 24 --width 0.75 --prompt "The capital of France is"',
-    "export": "amoeba export smollm2-amoeba --depth 24 --width 0.75 --out smollm2-d24-w075",
+    "export": "amoeba export smollm2-amoeba --depth 24 --width 0.75 --out smollm2-d24-w075\n"
+    "  amoeba export your-name/smollm2-amoeba --depth 24 --width 0.75 --push your-name/smollm2-d24-w075",
+    "push": "amoeba push smollm2-amoeba your-name/smollm2-amoeba --private\n"
+    "  amoeba push smollm2-amoeba your-name/smollm2-amoeba --revision stage2 --exist-ok",
 }
 
 
@@ -66,13 +70,53 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    ensure_free_output_dir(args.out)
+    if args.push is None and (args.private or args.revision or args.exist_ok):
+        raise UserError("--private, --revision and --exist-ok apply only with --push REPO_ID")
+    if args.out is not None:
+        ensure_free_output_dir(args.out)
     model = _load_checkpoint(args.model_dir)
     subnet = model.export_subnet(args.depth, args.width)
-    with atomic_directory(args.out) as staging:
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
+    description = f"{type(subnet).__name__} ({subnet.num_parameters():,} parameters)"
+    if args.out is not None:
+        with atomic_directory(args.out) as staging:
+            subnet.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+        print(f"exported {description} to {args.out}")
+        return
+    with tempfile.TemporaryDirectory() as staging:
         subnet.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True).save_pretrained(staging)
-    print(f"exported {type(subnet).__name__} ({subnet.num_parameters():,} parameters) to {args.out}")
+        tokenizer.save_pretrained(staging)
+        commit = _push(staging, args, f"Upload subnet depth={args.depth} width={args.width:g} of {args.model_dir}")
+    print(f"exported {description} to {_pushed_to(commit, args)}")
+
+
+def _push(folder: str, args: argparse.Namespace, commit_message: str | None = None):
+    from .hub import push_folder
+
+    return push_folder(
+        folder,
+        args.push,
+        private=True if args.private else None,
+        revision=args.revision,
+        exist_ok=args.exist_ok,
+        commit_message=commit_message,
+    )
+
+
+def _pushed_to(commit, args: argparse.Namespace) -> str:
+    return f"{commit.repo_url} (revision {args.revision or 'main'}, commit {commit.oid[:10]})"
+
+
+def _cmd_push(args: argparse.Namespace) -> None:
+    commit = _push(args.model_dir, args)
+    print(f"pushed {args.model_dir} to {_pushed_to(commit, args)}")
+
+
+def _add_hub_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--private", action="store_true", help="create the repo as private (ignored if it exists)")
+    parser.add_argument("--revision", default=None, help="branch to push to, created from main if missing")
+    parser.add_argument("--exist-ok", action="store_true", help="allow a new commit to a repo that already exists")
 
 
 def _add_shape_args(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     export = add("export", _cmd_export, "export one shape as a physically smaller, plain checkpoint")
     export.add_argument("model_dir")
     _add_shape_args(export)
-    export.add_argument("--out", required=True, help="new folder for the subnet")
+    destination = export.add_mutually_exclusive_group(required=True)
+    destination.add_argument("--out", help="new folder for the subnet")
+    destination.add_argument("--push", metavar="REPO_ID", help="Hub repo to publish the subnet to (your-name/model)")
+    _add_hub_args(export)
+
+    push = add("push", _cmd_push, "publish a checkpoint folder (weights, code, tokenizer, model card) on the Hub")
+    push.add_argument("model_dir", help="checkpoint folder, uploaded as it is (hidden files excepted)")
+    push.add_argument("push", metavar="REPO_ID", help="Hub repo, e.g. your-name/smollm2-amoeba")
+    _add_hub_args(push)
     return parser
 
 
