@@ -48,7 +48,11 @@ class CalibrationSettings:
     prefix_cache: bool = True
     chunk_size: int = 4
 
-    def validate(self, num_layers: int) -> None:
+    def validate(self, num_layers: int | None = None) -> None:
+        """Check settings before any expensive work; `num_layers` enables the model-dependent checks."""
+        for path in (self.data, self.mc_data):
+            if path is not None and not Path(path).is_file():
+                raise FileNotFoundError(f"calibration file {path} does not exist")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; choose from {SCORES}")
         if self.score == "mmlu" and not self.mc_data:
@@ -59,11 +63,15 @@ class CalibrationSettings:
             raise ValueError(f"unknown width method {self.width_method!r}; choose from {WIDTH_METHODS}")
         if self.width_mode not in ("global", "uniform"):
             raise ValueError(f"width_mode must be 'global' or 'uniform', got {self.width_mode!r}")
-        if self.min_depth is not None and not 1 <= self.min_depth <= num_layers:
-            raise ValueError(f"min_depth must be in [1, {num_layers}], got {self.min_depth}")
         for width in self.widths or ():
             if not 0.0 < width <= 1.0:
                 raise ValueError(f"width {width} is outside (0, 1]")
+        if self.min_depth is not None and self.min_depth < 1:
+            raise ValueError(f"min_depth must be in [1, number of layers], got {self.min_depth}")
+        if num_layers is None:
+            return
+        if self.min_depth is not None and not 1 <= self.min_depth <= num_layers:
+            raise ValueError(f"min_depth must be in [1, {num_layers}], got {self.min_depth}")
         if not 0 <= self.keep_last < num_layers:
             raise ValueError(f"keep_last must be in [0, {num_layers - 1}], got {self.keep_last}")
 

@@ -12,11 +12,17 @@ EXAMPLES = {
     "convert": "amoeba convert --out smollm2-amoeba            # embedded SmolLM2-135M-Instruct\n"
     "  amoeba convert TinyLlama/TinyLlama-1.1B-Chat-v1.0 --out tinyllama-amoeba --min-depth 14",
     "shapes": "amoeba shapes smollm2-amoeba",
+    "calibrate": "amoeba calibrate smollm2-amoeba --data ../shared/data/calibration/c4_demo.jsonl --min-depth 18 "
+    "--widths 1,0.875,0.75,0.625,0.5 --score ppl --out smollm2-calibrated\n"
+    "  amoeba calibrate --data wiki.txt --score mmlu --mc-data mmlu/zero_shot_val.jsonl --out smollm2-mmlu-dp",
     "generate": 'amoeba generate smollm2-amoeba --depth 24 --width 0.75 --prompt "The capital of France is"',
     "export": "amoeba export smollm2-amoeba --depth 24 --width 0.75 --out smollm2-d24-w075\n"
     "  amoeba export your-name/smollm2-amoeba --depth 24 --width 0.75 --push your-name/smollm2-d24-w075",
     "push": "amoeba push smollm2-amoeba your-name/smollm2-amoeba --private\n"
     "  amoeba push smollm2-amoeba your-name/smollm2-amoeba --revision stage2 --exist-ok",
+    "eval": "amoeba eval smollm2-amoeba --shapes 30x1,24x0.75 --tasks wikitext2,arc_easy,piqa --data-dir ../shared/data "
+    "--limit 200 --out results.json\n"
+    "  amoeba eval smollm2-amoeba --shapes grid --tasks hellaswag,mmlu --data-dir data --limit 100 --mmlu-limit 5 --out grid.json",
 }
 
 
@@ -119,6 +125,68 @@ def _add_hub_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exist-ok", action="store_true", help="allow a new commit to a repo that already exists")
 
 
+def _cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from .eval_report import format_table, plot_frontier, write_csv
+    from .eval_runner import EvalSettings, evaluate_shapes, parse_shapes
+
+    if not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder")
+    out = Path(args.out)
+    settings = EvalSettings(args.data_dir, args.limit, args.mmlu_limit, args.seed, args.ppl_window, args.ppl_stride,
+                            args.ppl_tokens)
+    model = _load_checkpoint(args.model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
+    shapes = parse_shapes(args.shapes, model.shape_space)
+    results = evaluate_shapes(model, tokenizer, shapes, args.tasks.split(","), settings, model_name=args.model_dir,
+                              out=out, batch_size=args.batch_size)
+    write_csv(results, out.with_suffix(".csv"))
+    plot_frontier(results, out.with_suffix(".png"))
+    print(format_table(results))
+    print(f"wrote {out}, {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+
+
+def _parse_widths(text: str) -> list[float]:
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise UserError(f"--widths must be comma-separated numbers in (0, 1], got {text!r}") from None
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> None:
+    import json
+    import shutil
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from .calibrate import CalibrationSettings, calibrate
+    from .defaults import load_or_convert
+
+    out = ensure_free_output_dir(args.out)
+    settings = CalibrationSettings(
+        data=args.data, samples=args.samples, seq_len=args.seq_len, score=args.score, mc_data=args.mc_data,
+        min_depth=args.min_depth, keep_last=args.keep_last, keep_first=args.keep_first,
+        depth_method=args.depth_method, width_method=args.width_method, width_mode=args.width_mode,
+        bias_compensation=not args.no_bias_compensation, widths=_parse_widths(args.widths) if args.widths else None,
+        seed=args.seed,
+    )
+    settings.validate()
+    model, tokenizer = load_or_convert(args.model, min_depth=args.min_depth)
+    settings.validate(model.config.num_hidden_layers)
+    state_dir = out.parent / f".{out.name}.calibrate-state"
+    report = calibrate(model, tokenizer, settings, state_dir=state_dir)
+    with atomic_directory(out) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (Path(staging) / "calibration.json").write_text(json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2))
+    shutil.rmtree(state_dir, ignore_errors=True)
+    print(f"calibrated checkpoint written to {out}: {report.evaluations} DP evaluations, "
+          f"{report.layer_forwards} layer-forwards, depth {report.depth_seconds:.0f} s, width {report.width_seconds:.0f} s")
+
+
 def _add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, required=True, help="number of layers to keep")
     parser.add_argument("--width", type=float, default=1.0, help="fraction of attention+MLP parameters to keep")
@@ -144,6 +212,27 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--min-depth", type=int, default=None, help="smallest depth (default: half the layers)")
     convert.add_argument("--min-width", type=float, default=0.5, help="smallest width (default: 0.5)")
 
+    calibrate = add("calibrate", _cmd_calibrate, "Stage 1: choose each depth's layers (DP) and order widths by importance")
+    calibrate.add_argument("model", nargs="?", default=None,
+                           help="any-shape checkpoint, or a source model to convert (default: embedded SmolLM2)")
+    calibrate.add_argument("--data", required=True, help="calibration text: .txt (a document per line) or JSON/JSONL `text`")
+    calibrate.add_argument("--out", required=True, help="new folder for the calibrated checkpoint")
+    calibrate.add_argument("--score", default="ppl", choices=["ppl", "kl", "mmlu"], help="DP score (default ppl)")
+    calibrate.add_argument("--mc-data", default=None, help="MMLU-style JSONL {input, output} for --score mmlu")
+    calibrate.add_argument("--min-depth", type=int, default=None, help="smallest depth (default: the model's)")
+    calibrate.add_argument("--widths", default=None, help="width grid, e.g. 1,0.875,0.75,0.625,0.5")
+    calibrate.add_argument("--samples", type=int, default=16, help="calibration samples (blocks or prompts)")
+    calibrate.add_argument("--seq-len", type=int, default=256, help="tokens per calibration block")
+    calibrate.add_argument("--keep-last", type=int, default=1, help="never remove the last K layers (default 1)")
+    calibrate.add_argument("--keep-first", action="store_true", help="never remove the first layer")
+    calibrate.add_argument("--depth-method", default="dp", choices=["dp", "block-influence", "drop-last"])
+    calibrate.add_argument("--width-method", default="flap", choices=["flap", "magnitude", "wanda-sp", "random"])
+    calibrate.add_argument("--width-mode", default="global", choices=["global", "uniform"],
+                           help="global: one importance threshold over all layers; uniform: same fraction per layer "
+                           "(exports to plain Llama)")
+    calibrate.add_argument("--no-bias-compensation", action="store_true", help="do not add pruned channels' mean")
+    calibrate.add_argument("--seed", type=int, default=0)
+
     shapes = add("shapes", _cmd_shapes, "list a checkpoint's shape space with parameter counts")
     shapes.add_argument("model_dir")
 
@@ -165,6 +254,21 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("model_dir", help="checkpoint folder, uploaded as it is (hidden files excepted)")
     push.add_argument("push", metavar="REPO_ID", help="Hub repo, e.g. your-name/smollm2-amoeba")
     _add_hub_args(push)
+    evaluate = add("eval", _cmd_eval, "score many shapes of one checkpoint: perplexity, zero-shot and MMLU accuracy")
+    evaluate.add_argument("model_dir")
+    evaluate.add_argument("--shapes", default="grid", help="DEPTHxWIDTH list, e.g. 30x1,24x0.75, or 'grid' (default)")
+    evaluate.add_argument("--tasks", default="wikitext2,hellaswag,arc_easy,piqa,mmlu",
+                          help="comma-separated: wikitext2, hellaswag, arc_easy, piqa, mmlu (5-shot), mmlu_0shot, "
+                               "or a .jsonl file of {context, choices, label} lines")
+    evaluate.add_argument("--data-dir", required=True, help="folder holding the evaluation sets (layout in docs/results.md)")
+    evaluate.add_argument("--out", required=True, help="results JSON (resumed if it exists); .csv and .png are written beside it")
+    evaluate.add_argument("--limit", type=int, default=None, help="seeded subset of N items per multiple-choice task")
+    evaluate.add_argument("--mmlu-limit", type=int, default=None, help="seeded subset of N questions per MMLU subject")
+    evaluate.add_argument("--seed", type=int, default=1234, help="seed of the subsets (default: 1234)")
+    evaluate.add_argument("--ppl-window", type=int, default=2048, help="perplexity window in tokens (default: 2048)")
+    evaluate.add_argument("--ppl-stride", type=int, default=None, help="window stride (default: the window, no overlap)")
+    evaluate.add_argument("--ppl-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
     return parser
 
 

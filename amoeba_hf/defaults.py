@@ -1,6 +1,7 @@
 """Where the embedded default model comes from, and loading of any supported source (folder, Hub id, GGUF)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 from huggingface_hub import ModelCard
@@ -73,3 +74,17 @@ def convert_source(model: str | None, **shape_kwargs) -> AmoebaForCausalLM:
         converted.config.base_model = DEFAULT_BASE_MODEL
     converted.config.base_model_license = source_license(location, gguf_file)
     return converted
+
+
+def is_amoeba_checkpoint(model: str | None) -> bool:
+    """Whether `model` is a local folder holding an any-shape checkpoint (as opposed to a source model)."""
+    if model is None or not (Path(model) / "config.json").is_file():
+        return False
+    return json.loads((Path(model) / "config.json").read_text()).get("model_type") == "amoeba"
+
+
+def load_or_convert(model: str | None, **shape_kwargs) -> tuple[AmoebaForCausalLM, PreTrainedTokenizerBase]:
+    """An any-shape checkpoint as it is, or any supported source model converted; with its tokenizer."""
+    if is_amoeba_checkpoint(model):
+        return AmoebaForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model, trust_remote_code=True)
+    return convert_source(model, **shape_kwargs), load_tokenizer(model)

@@ -208,3 +208,15 @@ def test_bad_calibration_input_gives_clear_errors(tmp_path, content, overrides, 
         path.write_text(content)
     with pytest.raises(ValueError, match=message):
         calibrate(tiny_amoeba(), tiny_tokenizer(), settings_for(path, **overrides), show_progress=False)
+
+
+@pytest.mark.parametrize("extra, message", [(["--widths", "1,1.5"], "outside"), (["--min-depth", "0"], "min_depth")])
+def test_calibrate_cli_rejects_bad_input_and_writes_nothing(tmp_path, capsys, extra, message):
+    from amoeba_hf.cli import main
+
+    data = write_tiny_text(tmp_path / "calib.jsonl")
+    out = tmp_path / "out"
+    assert main(["calibrate", "--data", str(data), "--out", str(out), *extra]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
