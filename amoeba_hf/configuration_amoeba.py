@@ -5,6 +5,7 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 
 SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2")
 WIDTH_MODES = ("uniform", "global")
+SMOL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUTO_MAP = {
     "AutoConfig": "configuration_amoeba.AmoebaConfig",
     "AutoModel": "modeling_amoeba.AmoebaModel",
@@ -25,6 +26,10 @@ class AmoebaConfig(LlamaConfig):
     `layer_num_key_value_heads` / `layer_intermediate_sizes` give per-layer sizes for a statically exported,
     physically sliced subnet whose layers differ in width; `None` means every layer has the full size.
 
+    `smol_experts > 0` adds the shape-aware mixture of LoRAs (SMoL): `smol_experts` LoRA experts of rank
+    `smol_rank` on each of `smol_target_modules`, gated (top `smol_top_k`) by one router fed the shape.
+    `smol_experts=1` is plain LoRA shared by all shapes.
+
     `base_model` (a Hub id) and `base_model_license` record where the weights came from: the model card written
     by `save_pretrained` cites them, so they must survive any number of save/load round trips.
     """
@@ -44,6 +49,14 @@ class AmoebaConfig(LlamaConfig):
     layer_intermediate_sizes: list[int] | None = None
     base_model: str | None = None
     base_model_license: str | None = None
+    smol_experts: int = 0
+    smol_top_k: int = 2
+    smol_rank: int = 8
+    smol_alpha: float = 16.0
+    smol_dropout: float = 0.0
+    smol_target_modules: list[str] | None = None
+    smol_router_hidden: int = 16
+    smol_router_noise: bool = True
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -51,6 +64,8 @@ class AmoebaConfig(LlamaConfig):
             self.min_depth = max(1, (self.num_hidden_layers + 1) // 2)
         if self.width_grid is None:
             self.width_grid = [w for w in (1.0, 0.875, 0.75, 0.625, 0.5) if w >= self.min_width]
+        if self.smol_target_modules is None:
+            self.smol_target_modules = list(SMOL_TARGETS)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
 
@@ -90,6 +105,14 @@ class AmoebaConfig(LlamaConfig):
                     raise ValueError(
                         f"depth_table[{key!r}] must be sorted, unique layer indices in [0, {num_layers}), got {layers}"
                     )
+        if self.smol_experts < 0 or (self.smol_experts and not 1 <= self.smol_top_k <= self.smol_experts):
+            raise ValueError(
+                f"smol_experts must be >= 0 and smol_top_k in [1, smol_experts], got {self.smol_experts} and "
+                f"{self.smol_top_k}"
+            )
+        unknown = set(self.smol_target_modules or ()) - set(SMOL_TARGETS)
+        if unknown:
+            raise ValueError(f"unknown smol_target_modules {sorted(unknown)}; valid: {', '.join(SMOL_TARGETS)}")
         for name in ("layer_num_key_value_heads", "layer_intermediate_sizes"):
             sizes = getattr(self, name)
             if sizes is not None and len(sizes) != num_layers:

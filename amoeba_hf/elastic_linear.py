@@ -1,5 +1,7 @@
 """A Linear whose active size is a prefix of its rows and columns: width is sliced, not masked."""
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -11,15 +13,50 @@ class ElasticLinear(nn.Linear):
     Keeps the parameter names of `nn.Linear`, so Llama state dicts load unchanged. With `track_input_mean`, a
     buffer `input_mean` holds the calibration mean of each input channel; when input channels are pruned their
     mean contribution `W[:, pruned] @ mean[pruned]` is added as an output bias (FLAP bias compensation).
+
+    With `experts > 0` it also holds the SMoL LoRA experts `lora_A` (E x r x in) and `lora_B` (E x out x r). For
+    gates g set by the model before each forward, the update is `s * (sum_e g_e B_e)(sum_e g_e A_e)` sliced to
+    the active width, i.e. one ordinary rank-r LoRA per shape.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, track_input_mean: bool = False):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        track_input_mean: bool = False,
+        experts: int = 0,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+    ):
         super().__init__(in_features, out_features, bias=bias)
         self.active_in = in_features
         self.active_out = out_features
         self.compensation: torch.Tensor | None = None
         if track_input_mean:
             self.register_buffer("input_mean", torch.zeros(in_features))
+        self.lora_A: nn.Parameter | None = None
+        self.lora_B: nn.Parameter | None = None
+        self.gates: torch.Tensor | None = None
+        self._mixed: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        if experts > 0:
+            self.add_experts(experts, rank, alpha, dropout)
+
+    def add_experts(self, experts: int, rank: int, alpha: float, dropout: float) -> None:
+        """Attach E LoRA experts (A random, B zero: the model's function is unchanged until trained)."""
+        weight = self.weight
+        self.lora_A = nn.Parameter(torch.empty(experts, rank, self.in_features, dtype=weight.dtype, device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, dtype=weight.dtype, device=weight.device))
+        self.reset_experts()
+        self.lora_scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def reset_experts(self) -> None:
+        with torch.no_grad():
+            for expert in self.lora_A:
+                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+            self.lora_B.zero_()
 
     def set_active(self, active_in: int | None = None, active_out: int | None = None) -> None:
         """Select the prefix of input columns / output rows to use; `None` means all."""
@@ -43,11 +80,41 @@ class ElasticLinear(nn.Linear):
             return bias
         return self.compensation if bias is None else bias + self.compensation
 
+    def mixed_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A_eff, B_eff) for the current gates, sliced to the active width.
+
+        Cached while gates and expert weights are unchanged (inference); recomputed when they carry gradients.
+        """
+        key = (id(self.gates), self.gates._version, self.lora_A._version, self.lora_B._version, id(self.lora_A))
+        if self.gates.requires_grad or (torch.is_grad_enabled() and self.lora_A.requires_grad):
+            mixed_a = torch.einsum("e,eri->ri", self.gates, self.lora_A)
+            mixed_b = torch.einsum("e,eor->or", self.gates, self.lora_B)
+        elif self._mixed is not None and self._mixed[0] == key:
+            mixed_a, mixed_b = self._mixed[1]
+        else:
+            with torch.no_grad():
+                mixed_a = torch.einsum("e,eri->ri", self.gates, self.lora_A)
+                mixed_b = torch.einsum("e,eor->or", self.gates, self.lora_B)
+            self._mixed = (key, (mixed_a, mixed_b))
+        return mixed_a[:, : self.active_in], mixed_b[: self.active_out]
+
+    def merged_weight(self) -> torch.Tensor:
+        """Active weight with the current shape's LoRA update merged in (for export)."""
+        if self.lora_A is None:
+            return self.active_weight()
+        mixed_a, mixed_b = self.mixed_experts()
+        return self.active_weight() + self.lora_scaling * (mixed_b @ mixed_a)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        return F.linear(input, self.active_weight(), self.active_bias())
+        output = F.linear(input, self.active_weight(), self.active_bias())
+        if self.lora_A is None:
+            return output
+        mixed_a, mixed_b = self.mixed_experts()
+        return output + self.lora_scaling * F.linear(F.linear(self.lora_dropout(input), mixed_a), mixed_b)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, active_in={self.active_in}, active_out={self.active_out}"
+        experts = "" if self.lora_A is None else f", experts={self.lora_A.shape[0]}, rank={self.lora_A.shape[1]}"
+        return f"{super().extra_repr()}, active_in={self.active_in}, active_out={self.active_out}{experts}"
 
 
 __all__ = ["ElasticLinear"]

@@ -4,6 +4,7 @@ Subclassing the Llama modules keeps the state-dict keys of `LlamaForCausalLM`, s
 directly, and every shape computes exactly what a physically pruned `LlamaForCausalLM` computes.
 """
 
+import math
 import os
 import tempfile
 from collections.abc import Iterator
@@ -35,10 +36,11 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
+from .configuration_amoeba import SMOL_TARGETS, SUPPORTED_SOURCE_TYPES, AmoebaConfig
 from .elastic_linear import ElasticLinear
 from .hub import push_folder
 from .model_card import read_eval_rows, render_model_card, write_card
+from .shape_router import ShapeRouter
 from .shape_space import GlobalWidthAllocator, LayerWidth, ShapeSpace, full_layer_sizes
 from .subnet_export import amoeba_config_from_source, build_subnet
 
@@ -50,6 +52,16 @@ class Shape(NamedTuple):
     width: float
 
 
+def elastic_linear(config: AmoebaConfig, name: str, in_features: int, out_features: int, bias: bool,
+                   track_input_mean: bool = False) -> ElasticLinear:
+    """An ElasticLinear, with SMoL experts if the config targets this projection."""
+    experts = config.smol_experts if name in config.smol_target_modules else 0
+    return ElasticLinear(
+        in_features, out_features, bias=bias, track_input_mean=track_input_mean, experts=experts,
+        rank=config.smol_rank, alpha=config.smol_alpha, dropout=config.smol_dropout,
+    )
+
+
 class AmoebaMLP(LlamaMLP):
     """SwiGLU MLP whose active neurons are a prefix of the (importance-ordered) intermediate channels."""
 
@@ -58,10 +70,10 @@ class AmoebaMLP(LlamaMLP):
         self.config = config
         self.hidden_size = config.hidden_size
         self.intermediate_size = intermediate_size
-        self.gate_proj = ElasticLinear(self.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.up_proj = ElasticLinear(self.hidden_size, intermediate_size, bias=config.mlp_bias)
-        self.down_proj = ElasticLinear(
-            intermediate_size, self.hidden_size, bias=config.mlp_bias, track_input_mean=config.bias_compensation
+        self.gate_proj = elastic_linear(config, "gate_proj", self.hidden_size, intermediate_size, config.mlp_bias)
+        self.up_proj = elastic_linear(config, "up_proj", self.hidden_size, intermediate_size, config.mlp_bias)
+        self.down_proj = elastic_linear(
+            config, "down_proj", intermediate_size, self.hidden_size, config.mlp_bias, config.bias_compensation
         )
         self.act_fn = ACT2FN[config.hidden_act]
         if config.width_mode == "global":
@@ -88,11 +100,11 @@ class AmoebaAttention(LlamaAttention):
         query_dim = key_value_heads * self.num_key_value_groups * self.head_dim
         kv_dim = key_value_heads * self.head_dim
         in_bias = config.attention_bias or config.qkv_bias
-        self.q_proj = ElasticLinear(config.hidden_size, query_dim, bias=in_bias)
-        self.k_proj = ElasticLinear(config.hidden_size, kv_dim, bias=in_bias)
-        self.v_proj = ElasticLinear(config.hidden_size, kv_dim, bias=in_bias)
-        self.o_proj = ElasticLinear(
-            query_dim, config.hidden_size, bias=config.attention_bias, track_input_mean=config.bias_compensation
+        self.q_proj = elastic_linear(config, "q_proj", config.hidden_size, query_dim, in_bias)
+        self.k_proj = elastic_linear(config, "k_proj", config.hidden_size, kv_dim, in_bias)
+        self.v_proj = elastic_linear(config, "v_proj", config.hidden_size, kv_dim, in_bias)
+        self.o_proj = elastic_linear(
+            config, "o_proj", query_dim, config.hidden_size, config.attention_bias, config.bias_compensation
         )
         if config.width_mode == "global":
             self.register_buffer("group_importance", torch.zeros(key_value_heads))
@@ -127,12 +139,17 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
     _can_record_outputs = {"hidden_states": AmoebaDecoderLayer, "attentions": AmoebaAttention}
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Calibration buffers start at zero (no compensation, no importance) when absent from a checkpoint."""
+        """Calibration buffers start at zero (no compensation, no importance) when absent from a checkpoint, and
+        LoRA experts as in LoRA (A random, B zero) so that adding them leaves the model's function unchanged."""
         super()._init_weights(module)
         for name in ("input_mean", "neuron_importance", "group_importance"):
             buffer = getattr(module, name, None)
             if isinstance(buffer, torch.Tensor):
                 init.zeros_(buffer)
+        if isinstance(module, ElasticLinear) and module.lora_A is not None:
+            for expert in module.lora_A:
+                init.kaiming_uniform_(expert, a=math.sqrt(5))
+            init.zeros_(module.lora_B)
 
 
 class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
@@ -149,10 +166,41 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
+        self.shape_router = self._new_router(config) if config.smol_experts else None
         self._shape_space: ShapeSpace | None = None
         self._shape = Shape(config.num_hidden_layers, 1.0)
         self._active_layers: list[AmoebaDecoderLayer] = list(self.layers)
+        self._expert_linears = self._collect_expert_linears()
         self.post_init()
+
+    @staticmethod
+    def _new_router(config: AmoebaConfig) -> ShapeRouter:
+        return ShapeRouter(
+            config.num_hidden_layers, config.smol_experts, config.smol_top_k, config.smol_router_hidden,
+            config.smol_router_noise,
+        )
+
+    def _collect_expert_linears(self) -> list[ElasticLinear]:
+        return [m for layer in self._active_layers for m in layer.modules()
+                if isinstance(m, ElasticLinear) and m.lora_A is not None]
+
+    def add_experts(self) -> None:
+        """Attach SMoL experts and the router as the config now says (used by `enable_smol`)."""
+        config = self.config
+        for layer in self.layers:
+            for name, module in layer.named_modules():
+                if isinstance(module, ElasticLinear) and name.split(".")[-1] in config.smol_target_modules:
+                    module.add_experts(config.smol_experts, config.smol_rank, config.smol_alpha, config.smol_dropout)
+        self.shape_router = self._new_router(config).to(self.embed_tokens.weight.device)
+        self.set_shape(*self._shape)
+
+    def route(self, deterministic: bool = False) -> None:
+        """Hand the current shape's expert gates to every active LoRA linear (noisy, with grad, in training)."""
+        if self.shape_router is None:
+            return
+        gates = self.shape_router.deterministic_gates() if deterministic else self.shape_router()
+        for linear in self._expert_linears:
+            linear.gates = gates
 
     @property
     def shape_space(self) -> ShapeSpace:
@@ -188,6 +236,9 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
             active.append(layer)
         self._active_layers = active
         self._shape = Shape(depth, width)
+        self._expert_linears = self._collect_expert_linears()
+        if self.shape_router is not None:
+            self.shape_router.set_shape(sorted(widths), width)
 
     def _check_cache(self, cache: Cache) -> None:
         """A cache filled at one shape holds keys of other layers/widths: refuse to mix it with another shape."""
@@ -222,6 +273,7 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
             cache = DynamicCache(config=self.config)
         if cache is not None:
             self._check_cache(cache)
+        self.route()
         if position_ids is None:
             past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
@@ -299,6 +351,34 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         ))
         with self.shaped(*shape):
             return build_subnet(self, type(self))
+
+    def enable_smol(
+        self,
+        experts: int = 5,
+        top_k: int = 2,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        target_modules: list[str] | None = None,
+        router_hidden: int = 16,
+        router_noise: bool = True,
+        train_base: bool = False,
+    ) -> "AmoebaForCausalLM":
+        """Add the shape-aware mixture of LoRAs for one-for-all fine-tuning; `experts=1` is plain shared LoRA.
+
+        Only the experts and the router are trainable unless `train_base`; the function is unchanged until trained.
+        """
+        if self.config.smol_experts:
+            raise ValueError(f"SMoL is already enabled ({self.config.smol_experts} experts)")
+        self.config.smol_experts, self.config.smol_top_k, self.config.smol_rank = experts, top_k, rank
+        self.config.smol_alpha, self.config.smol_dropout = alpha, dropout
+        self.config.smol_target_modules = list(target_modules or SMOL_TARGETS)
+        self.config.smol_router_hidden, self.config.smol_router_noise = router_hidden, router_noise
+        self.config.validate_architecture()
+        self.model.add_experts()
+        for name, parameter in self.named_parameters():
+            parameter.requires_grad = train_base or "lora_" in name or "shape_router" in name
+        return self
 
     def save_pretrained(
         self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs

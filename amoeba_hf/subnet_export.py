@@ -119,6 +119,7 @@ def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_
         width_grid=[1.0],
         width_mode="uniform",
         bias_compensation=False,
+        smol_experts=0,
         attention_bias=config.attention_bias or attention_out_bias,
         mlp_bias=config.mlp_bias or mlp_out_bias,
     )
@@ -126,8 +127,9 @@ def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_
 
 
 def _active_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The current shape's weights under the key names of a compact Llama state dict (views, not copies)."""
+    """The current shape's weights (LoRA merged) under the key names of a compact Llama state dict."""
     inner = model.model
+    inner.route(deterministic=True)
     tensors = {"model.embed_tokens.weight": inner.embed_tokens.weight, "model.norm.weight": inner.norm.weight}
     tensors["lm_head.weight"] = model.lm_head.weight
     for slot, layer in enumerate(inner._active_layers):
@@ -135,8 +137,8 @@ def _active_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
         tensors[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight
         tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
         for name, module in layer.named_modules():
-            if hasattr(module, "active_weight"):
-                tensors[f"{prefix}{name}.weight"] = module.active_weight()
+            if hasattr(module, "merged_weight"):
+                tensors[f"{prefix}{name}.weight"] = module.merged_weight()
                 bias = module.active_bias()
                 if bias is not None:
                     tensors[f"{prefix}{name}.bias"] = bias
