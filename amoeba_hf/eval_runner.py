@@ -1,0 +1,123 @@
+"""Evaluate a list of shapes of one loaded model: set_shape between shapes, save after every (shape, task).
+
+Results are written atomically after each (shape, task), so an interrupted run resumes where it stopped; a
+results file written with other settings is refused rather than mixed.
+"""
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .atomic_io import write_text_atomically
+from .eval_tasks import load_task, task_label
+from .evaluation import encode_task, score_task
+
+SHAPE_PATTERN = re.compile(r"(\d+)x(\d*\.?\d+)")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Everything that determines the numbers (batch size does not, so it may change when resuming)."""
+
+    data_dir: str
+    limit: int | None = None
+    mmlu_limit: int | None = None
+    seed: int = 1234
+    ppl_window: int = 2048
+    ppl_stride: int | None = None
+    ppl_tokens: int | None = None
+
+
+def shape_key(depth: int, width: float) -> str:
+    return f"{depth}x{width:g}"
+
+
+def parse_shapes(spec: str, space) -> list[tuple[int, float]]:
+    """`grid` (the model's training grid) or comma-separated DEPTHxWIDTH, e.g. `30x1,24x0.75`; each validated."""
+    if spec.strip() == "grid":
+        return list(space.grid())
+    shapes = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        match = SHAPE_PATTERN.fullmatch(part)
+        if match is None:
+            raise ValueError(f"shape {part!r} must be DEPTHxWIDTH (e.g. 24x0.75) or the word 'grid'")
+        shapes.append(space.validate(int(match.group(1)), float(match.group(2))))
+    if not shapes:
+        raise ValueError("no shapes given; pass e.g. --shapes 30x1,24x0.75 or --shapes grid")
+    return list(dict.fromkeys(shapes))
+
+
+def _load_results(out: Path, header: dict) -> dict:
+    """Previous results for the same model and settings, or a fresh record."""
+    if not out.exists():
+        return {**header, "shapes": {}}
+    try:
+        saved = json.loads(out.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{out} is not a results file ({error.msg}); choose a new --out") from None
+    mismatch = [k for k in header if saved.get(k) != header[k]]
+    if mismatch or "shapes" not in saved:
+        raise ValueError(
+            f"{out} was written with different {' and '.join(mismatch) or 'contents'} "
+            f"({[saved.get(k) for k in mismatch]}, now {[header[k] for k in mismatch]}); "
+            "use another --out, or the same model and settings to resume"
+        )
+    return saved
+
+
+def evaluate_shapes(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    shapes: list[tuple[int, float]],
+    tasks: list[str],
+    settings: EvalSettings,
+    *,
+    model_name: str,
+    out: str | Path | None = None,
+    batch_size: int = 8,
+) -> dict:
+    """Score every task at every shape of one loaded model, resuming from `out` and saving there as it goes.
+
+    All tasks are read and tokenised before the first forward pass, so bad input fails fast; the model's shape
+    is restored afterwards.
+    """
+    out = Path(out) if out is not None else None
+    header = {"model": model_name, "settings": asdict(settings)}
+    results = _load_results(out, header) if out is not None else {**header, "shapes": {}}
+    encoded = {
+        task_label(name): encode_task(
+            load_task(name, settings.data_dir, limit=settings.limit, mmlu_limit=settings.mmlu_limit,
+                      seed=settings.seed),
+            tokenizer, ppl_window=settings.ppl_window, ppl_stride=settings.ppl_stride, ppl_tokens=settings.ppl_tokens,
+        )
+        for name in dict.fromkeys(tasks)
+    }
+    space, previous = model.shape_space, model.shape
+    try:
+        for depth, width in shapes:
+            key = shape_key(depth, width)
+            entry = results["shapes"].setdefault(key, {
+                "depth": depth, "width": width, "parameters": space.parameter_count(depth, width), "tasks": {},
+            })
+            model.set_shape(depth, width)
+            for label, task in encoded.items():
+                if label in entry["tasks"]:
+                    continue
+                start = time.perf_counter()
+                metrics = score_task(model, task, batch_size=batch_size, description=f"{key} {label}")
+                metrics["seconds"] = round(time.perf_counter() - start, 1)
+                metrics["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+                entry["tasks"][label] = metrics
+                if out is not None:
+                    write_text_atomically(out, json.dumps(results, indent=2) + "\n")
+    finally:
+        model.set_shape(*previous)
+    return results
+
+
+__all__ = ["EvalSettings", "evaluate_shapes", "parse_shapes", "shape_key"]
