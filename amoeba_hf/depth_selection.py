@@ -100,18 +100,26 @@ def perplexity_score(runner: LayerRunner, input_ids: torch.Tensor, chunk_size: i
     return score
 
 
-def kl_score(runner: LayerRunner) -> Callable:
-    """Mean KL(full || candidate) of next-token distributions; the teacher's logits are recomputed per chunk
-    from cached final hidden states (vocabulary-sized logits for every token would not fit in memory)."""
+def kl_score(runner: LayerRunner, cache_bytes: int = 2 << 30) -> Callable:
+    """Mean KL(full || candidate) of next-token distributions. The teacher's log-probabilities are cached when
+    they fit in `cache_bytes`, else recomputed per chunk from the cached final hidden states."""
+
+    def teacher_log_probs(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return F.log_softmax(runner.model.lm_head(hidden).float(), dim=-1)
+
+    tokens = sum(h.shape[0] * h.shape[1] for h in runner.final_hidden)
+    cached = None
+    if tokens * runner.model.config.vocab_size * 4 <= cache_bytes:
+        cached = [teacher_log_probs(hidden) for hidden in runner.final_hidden]
 
     def score(states: list[torch.Tensor]) -> float:
-        total, count = 0.0, 0
-        for teacher_hidden, hidden in zip(runner.final_hidden, states):
-            teacher = F.log_softmax(runner.model.lm_head(teacher_hidden).float(), dim=-1)
+        total = 0.0
+        for position, hidden in enumerate(states):
+            teacher = cached[position] if cached is not None else teacher_log_probs(runner.final_hidden[position])
             student = F.log_softmax(runner.model.lm_head(hidden).float(), dim=-1)
             total += F.kl_div(student, teacher, log_target=True, reduction="sum").item()
-            count += hidden.shape[0] * hidden.shape[1]
-        return total / count
+        return total / tokens
 
     return score
 
