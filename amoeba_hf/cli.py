@@ -12,6 +12,9 @@ EXAMPLES = {
     "convert": "amoeba convert --out smollm2-amoeba            # embedded SmolLM2-135M-Instruct\n"
     "  amoeba convert TinyLlama/TinyLlama-1.1B-Chat-v1.0 --out tinyllama-amoeba --min-depth 14",
     "shapes": "amoeba shapes smollm2-amoeba",
+    "train": "amoeba train smollm2-calibrated --data ../shared/data/finetune/alpaca_en_demo.json --steps 200 "
+    "--out smollm2-oneforall\n"
+    "  amoeba train smollm2-calibrated --data alpaca.json wiki.txt --experts 1 --no-balancing --out ablation",
     "calibrate": "amoeba calibrate smollm2-amoeba --data ../shared/data/calibration/c4_demo.jsonl --min-depth 18 "
     "--widths 1,0.875,0.75,0.625,0.5 --score ppl --out smollm2-calibrated\n"
     "  amoeba calibrate --data wiki.txt --score mmlu --mc-data mmlu/zero_shot_val.jsonl --out smollm2-mmlu-dp",
@@ -187,6 +190,30 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
           f"{report.layer_forwards} layer-forwards, depth {report.depth_seconds:.0f} s, width {report.width_seconds:.0f} s")
 
 
+def _cmd_train(args: argparse.Namespace) -> None:
+    import shutil
+
+    from .defaults import load_or_convert
+    from .finetune import FinetuneSettings, finetune
+
+    out = ensure_free_output_dir(args.out)
+    settings = FinetuneSettings(
+        data=args.data, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        learning_rate=args.lr, max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
+        experts=args.experts, top_k=args.top_k, rank=args.rank, random_shapes=args.random_shapes,
+        widths=_parse_widths(args.widths) if args.widths else None, distillation=not args.no_distillation,
+        loss_balancing=not args.no_balancing, train_base=args.train_base, save_steps=args.save_steps, seed=args.seed,
+    )
+    model, tokenizer = load_or_convert(args.model_dir)
+    work_dir = out.parent / f".{out.name}.train-work"
+    finetune(model, tokenizer, settings, work_dir)
+    with atomic_directory(out) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    print(f"one-for-all checkpoint written to {out} ({settings.steps} steps, {model.config.smol_experts} experts)")
+
+
 def _add_shape_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=int, required=True, help="number of layers to keep")
     parser.add_argument("--width", type=float, default=1.0, help="fraction of attention+MLP parameters to keep")
@@ -232,6 +259,29 @@ def build_parser() -> argparse.ArgumentParser:
                            "(exports to plain Llama)")
     calibrate.add_argument("--no-bias-compensation", action="store_true", help="do not add pruned channels' mean")
     calibrate.add_argument("--seed", type=int, default=0)
+
+    train = add("train", _cmd_train, "Stage 2: one-for-all fine-tuning (SMoL experts, sandwich sampling, distillation)")
+    train.add_argument("model_dir", nargs="?", default=None,
+                       help="(calibrated) any-shape checkpoint or a source model (default: embedded SmolLM2)")
+    train.add_argument("--data", nargs="+", required=True,
+                       help="Alpaca JSON/JSONL (instruction, input, output) and/or text (.txt, JSONL `text`)")
+    train.add_argument("--out", required=True, help="new folder for the trained checkpoint")
+    train.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    train.add_argument("--batch-size", type=int, default=2)
+    train.add_argument("--grad-accum", type=int, default=4)
+    train.add_argument("--lr", type=float, default=2e-4)
+    train.add_argument("--max-prompt-tokens", type=int, default=256)
+    train.add_argument("--max-response-tokens", type=int, default=128)
+    train.add_argument("--experts", type=int, default=5, help="LoRA experts per linear; 1 = plain LoRA (default 5)")
+    train.add_argument("--top-k", type=int, default=2)
+    train.add_argument("--rank", type=int, default=8)
+    train.add_argument("--random-shapes", type=int, default=2, help="random shapes per step besides largest/smallest")
+    train.add_argument("--widths", default=None, help="widths to sample, e.g. 1,0.875,0.75 (default: uniform range)")
+    train.add_argument("--no-distillation", action="store_true", help="train every shape on labels (ablation)")
+    train.add_argument("--no-balancing", action="store_true", help="disable loss-magnitude balancing (ablation)")
+    train.add_argument("--train-base", action="store_true", help="also train the base weights (default: frozen)")
+    train.add_argument("--save-steps", type=int, default=50, help="checkpoint interval; re-run resumes from the last")
+    train.add_argument("--seed", type=int, default=0)
 
     shapes = add("shapes", _cmd_shapes, "list a checkpoint's shape space with parameter counts")
     shapes.add_argument("model_dir")

@@ -1,0 +1,96 @@
+"""Stage 2 end to end: attach SMoL, build the data, run `AmoebaTrainer`, resume from the last checkpoint."""
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from datasets import concatenate_datasets
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers.trainer_utils import get_last_checkpoint
+
+from .trainer import AmoebaTrainer, AmoebaTrainingArguments
+from .training_data import instruction_dataset, text_dataset
+
+
+@dataclass
+class FinetuneSettings:
+    """The recipe; defaults follow AmoebaLLM scaled to a CPU budget (see docs/usage.md)."""
+
+    data: list[str]
+    steps: int = 200
+    batch_size: int = 2
+    grad_accum: int = 4
+    learning_rate: float = 2e-4
+    max_grad_norm: float = 0.3
+    max_prompt_tokens: int = 256
+    max_response_tokens: int = 128
+    text_block_size: int = 256
+    template: str = "auto"
+    experts: int = 5
+    top_k: int = 2
+    rank: int = 8
+    alpha: float = 16.0
+    random_shapes: int = 2
+    widths: list[float] | None = None
+    distillation: bool = True
+    loss_balancing: bool = True
+    train_base: bool = False
+    save_steps: int = 50
+    seed: int = 0
+
+
+def build_dataset(paths: list[str], tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings):
+    """Instruction files (with `instruction`/`output`) and text files, tokenised and concatenated."""
+    if not paths:
+        raise ValueError("no training data given")
+    parts = []
+    for path in paths:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"training data {path} does not exist")
+        head = Path(path).read_text(errors="replace")[:4096]
+        if path.endswith(".txt") or '"instruction"' not in head:
+            parts.append(text_dataset(path, tokenizer, settings.text_block_size))
+        else:
+            parts.append(instruction_dataset(path, tokenizer, settings.max_prompt_tokens, settings.max_response_tokens,
+                                             settings.template))
+    return concatenate_datasets(parts).shuffle(seed=settings.seed)
+
+
+def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings, work_dir: str | os.PathLike,
+             **training_overrides) -> AmoebaTrainer:
+    """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run resumes from the newest one."""
+    dataset = build_dataset(settings.data, tokenizer, settings)
+    if not model.config.smol_experts and settings.experts:
+        model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
+                          alpha=settings.alpha, train_base=settings.train_base)
+    args = AmoebaTrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type="constant",
+        max_grad_norm=settings.max_grad_norm,
+        save_strategy="steps",
+        save_steps=settings.save_steps,
+        save_total_limit=2,
+        logging_steps=max(1, min(10, settings.steps // 10)),
+        report_to=[],
+        seed=settings.seed,
+        data_seed=settings.seed,
+        random_shapes=settings.random_shapes,
+        shape_widths=settings.widths,
+        distillation=settings.distillation,
+        loss_balancing=settings.loss_balancing,
+        shape_seed=settings.seed,
+        dataloader_num_workers=0,
+        **training_overrides,
+    )
+    trainer = AmoebaTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+    )
+    last = get_last_checkpoint(str(work_dir)) if Path(work_dir).is_dir() else None
+    trainer.train(resume_from_checkpoint=last)
+    model.eval()
+    return trainer

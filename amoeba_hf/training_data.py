@@ -1,0 +1,87 @@
+"""Fine-tuning data: Alpaca-style instructions with response-only labels, or plain text packed into blocks."""
+
+from pathlib import Path
+
+from datasets import Dataset, load_dataset
+from transformers import PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task{with_input}. Write a response that appropriately completes the "
+    "request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+TEMPLATES = ("auto", "chat", "alpaca")
+
+
+def _load(path: str | Path, fields: tuple[str, ...]) -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training data {path} does not exist")
+    builder = "text" if path.suffix == ".txt" else "json"
+    try:
+        dataset = load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:
+        raise ValueError(f"cannot read training data {path} as {builder}: {error}") from error
+    if len(dataset) == 0:
+        raise ValueError(f"training data {path} is empty")
+    missing = [f for f in fields if f not in dataset.column_names]
+    if missing:
+        raise ValueError(f"training data {path} lacks field(s) {missing}; it has {dataset.column_names}")
+    return dataset
+
+
+def instruction_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, context: str, template: str) -> str:
+    """The prompt text before the response: the tokenizer's chat template, or the Alpaca template."""
+    if template == "auto":
+        template = "chat" if tokenizer.chat_template else "alpaca"
+    if template == "chat":
+        user = instruction if not context else f"{instruction}\n\n{context}"
+        return tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                             add_generation_prompt=True)
+    if template == "alpaca":
+        return ALPACA_TEMPLATE.format(
+            with_input=", paired with an input that provides further context" if context else "",
+            instruction=instruction,
+            input_block=f"### Input:\n{context}\n\n" if context else "",
+        )
+    raise ValueError(f"unknown prompt template {template!r}; choose from {TEMPLATES}")
+
+
+def instruction_dataset(
+    path: str | Path,
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_tokens: int = 384,
+    max_response_tokens: int = 128,
+    template: str = "auto",
+) -> Dataset:
+    """Alpaca JSON/JSONL (`instruction`, optional `input`, `output`) tokenised with labels on the response only.
+
+    Prompts keep their last `max_prompt_tokens` tokens (the instruction's end and the response header matter
+    most); responses keep their first `max_response_tokens` tokens and end with EOS when it fits.
+    """
+    dataset = _load(path, ("instruction", "output"))
+
+    def encode(record: dict) -> dict:
+        prompt = instruction_prompt(tokenizer, record["instruction"], record.get("input") or "", template)
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"][-max_prompt_tokens:]
+        response_ids = tokenizer(record["output"], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            response_ids = response_ids + [tokenizer.eos_token_id]
+        response_ids = response_ids[:max_response_tokens]
+        return {
+            "input_ids": prompt_ids + response_ids,
+            "labels": [IGNORE_INDEX] * len(prompt_ids) + response_ids,
+        }
+
+    return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenising instructions")
+
+
+def text_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase, block_size: int = 256) -> Dataset:
+    """Plain text (`.txt` lines or JSON `text`) joined with EOS and packed into full blocks, labels = inputs."""
+    dataset = _load(path, ("text",))
+    separator = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(separator.join(t for t in dataset["text"] if t and t.strip()), add_special_tokens=False)["input_ids"]
+    blocks = [ids[start : start + block_size] for start in range(0, len(ids) - block_size + 1, block_size)]
+    if not blocks:
+        raise ValueError(f"training data {path} has {len(ids)} tokens, fewer than one block of {block_size}")
+    return Dataset.from_dict({"input_ids": blocks, "labels": blocks})
