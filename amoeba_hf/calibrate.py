@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -104,10 +105,12 @@ def calibrate(
     settings: CalibrationSettings,
     state_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    on_progress: Callable[[str], None] | None = None,
 ) -> CalibrationReport:
     """Select widths (permuting the model in place) and depths for `model`; progress is saved in `state_dir`.
 
     Re-running with the same settings and `state_dir` after an interruption continues where it stopped.
+    `on_progress` is called with "width" and then "dp" after each saved DP row.
     """
     num_layers = model.config.num_hidden_layers
     settings.validate(num_layers)
@@ -154,6 +157,8 @@ def calibrate(
             state = {"fingerprint": fingerprint, "width_done": True}
             _write_json(state_path / "state.json", state)
     apply_width_order(model, group_scores, neuron_scores, stats, settings.width_mode, settings.bias_compensation)
+    if on_progress is not None:
+        on_progress("width")
     width_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -183,6 +188,8 @@ def calibrate(
             def save_row(row_state: dict) -> None:
                 if state_path is not None:
                     _write_json(state_path / "state.json", {**state, "dp": row_state})
+                if on_progress is not None:
+                    on_progress("dp")
 
             table, evaluations = dp_depth_table(
                 num_layers, scan, max_removed, evaluate, state.get("dp"), save_row, show_progress

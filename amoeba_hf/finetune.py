@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import concatenate_datasets
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .trainer import AmoebaTrainer, AmoebaTrainingArguments
@@ -57,7 +57,7 @@ def build_dataset(paths: list[str], tokenizer: PreTrainedTokenizerBase, settings
 
 
 def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings, work_dir: str | os.PathLike,
-             **training_overrides) -> AmoebaTrainer:
+             callbacks: list[TrainerCallback] | None = None, **training_overrides) -> AmoebaTrainer:
     """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run resumes from the newest one."""
     dataset = build_dataset(settings.data, tokenizer, settings)
     if not model.config.smol_experts and settings.experts:
@@ -87,7 +87,7 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
         **training_overrides,
     )
     trainer = AmoebaTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
     )
     last = get_last_checkpoint(str(work_dir)) if Path(work_dir).is_dir() else None
