@@ -43,16 +43,26 @@ def _load_records(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
     return dataset.to_list()
 
 
+def _record_text(record: dict) -> str:
+    """A record's text: its `text` field, or an Alpaca record's instruction, input and output joined."""
+    if "text" in record:
+        return record["text"]
+    if "instruction" in record and "output" in record:
+        return "\n\n".join(part for part in (record["instruction"], record.get("input"), record["output"]) if part)
+    raise ValueError(f"calibration records need a `text` field (or Alpaca `instruction`/`output`); got {sorted(record)}")
+
+
 def text_blocks(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int = 0
 ) -> torch.Tensor:
-    """`num_samples` blocks of `seq_len` tokens from documents (`.txt`: one per line; JSON/JSONL: `text` field).
+    """`num_samples` blocks of `seq_len` tokens from documents (`.txt`: one per line; JSON/JSONL: `text`, or
+    Alpaca `instruction`/`input`/`output`).
 
     Documents are shuffled with `seed`, joined with the EOS token and cut into consecutive blocks.
     """
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
-    documents = [r["text"] for r in _load_records(path, ("text",)) if r["text"] and r["text"].strip()]
+    documents = [text for text in (_record_text(r) for r in _load_records(path, ())) if text and text.strip()]
     if not documents:
         raise ValueError(f"calibration file {path} has no non-empty text")
     random.Random(seed).shuffle(documents)

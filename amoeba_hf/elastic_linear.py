@@ -92,7 +92,7 @@ class ElasticLinear(nn.Linear):
         elif self._mixed is not None and self._mixed[0] == key:
             mixed_a, mixed_b = self._mixed[1]
         else:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 mixed_a = torch.einsum("e,eri->ri", self.gates, self.lora_A)
                 mixed_b = torch.einsum("e,eor->or", self.gates, self.lora_B)
             self._mixed = (key, (mixed_a, mixed_b))

@@ -44,10 +44,11 @@ class ShapeRouter(nn.Module):
         """Gates without noise and without autograd history: what inference and export use.
 
         Cached per shape; the cache key includes the parameters' versions, so an optimizer step invalidates it.
+        Computed outside inference mode so the cached tensor also serves later autograd-enabled forwards.
         """
         key = (self._shape_version, *(p._version for p in self.parameters()))
         if self._cached is None or self._cached[0] != key:
-            with torch.no_grad():
+            with torch.inference_mode(False), torch.no_grad():
                 self._cached = (key, self._gates(noisy=False))
         return self._cached[1]
 
