@@ -59,8 +59,25 @@ def save_results(path: Path, results: dict) -> None:
     os.replace(tmp, path)
 
 
-def depth_tables(model, blocks: torch.Tensor, min_depth: int, results: dict, out: Path, chunk: int) -> dict:
-    """Tables of every depth method; DP runs are timed and their layer-forwards counted (cached vs naive)."""
+def run_dp(model, blocks: torch.Tensor, scan: list[int], max_removed: int, score_name: str, cached: bool,
+           chunk: int) -> dict:
+    """One DP run, timed, with its layer-forward count."""
+    runner = LayerRunner(model, blocks, chunk_size=chunk)
+    if cached or score_name == "kl":
+        runner.cache_layer_inputs()
+    score = perplexity_score(runner, blocks, chunk) if score_name == "ppl" else kl_score(runner)
+    start = time.perf_counter()
+    table, evaluations = dp_depth_table(
+        model.config.num_hidden_layers, scan, max_removed,
+        lambda removed, boundary: score(runner.final_states(removed, boundary if cached else 0)),
+    )
+    return {"table": table, "evaluations": evaluations, "layer_forwards": runner.layer_forwards,
+            "seconds": time.perf_counter() - start}
+
+
+def depth_tables(model, blocks: torch.Tensor, timing_blocks: torch.Tensor, min_depth: int, results: dict, out: Path,
+                 chunk: int) -> dict:
+    """Tables of every depth method. The DP's prefix cache is timed against the naive DP on `timing_blocks`."""
     num_layers = model.config.num_hidden_layers
     scan = removable_layers(num_layers, keep_last=1)
     max_removed = num_layers - min_depth
@@ -68,26 +85,16 @@ def depth_tables(model, blocks: torch.Tensor, min_depth: int, results: dict, out
     runner = LayerRunner(model, blocks, chunk_size=chunk)
     runner.cache_layer_inputs()
     tables["ShortGPT-BI"] = block_influence_table(runner, scan, max_removed)
-    for name, score_name, cached in (("DP-ppl", "ppl", True), ("DP-kl", "kl", True), ("DP-ppl naive", "ppl", False)):
-        if name in results["dp"]:
+    runs = (("DP-ppl", "ppl", True, blocks), ("DP-kl", "kl", True, blocks),
+            ("timing: DP-ppl cached", "ppl", True, timing_blocks), ("timing: DP-ppl naive", "ppl", False, timing_blocks))
+    for name, score_name, cached, data in runs:
+        if name not in results["dp"]:
+            results["dp"][name] = run_dp(model, data, scan, max_removed, score_name, cached, chunk)
+            save_results(out, results)
+        if not name.startswith("timing"):
             tables[name] = results["dp"][name]["table"]
-            continue
-        runner = LayerRunner(model, blocks, chunk_size=chunk)
-        if cached or score_name == "kl":
-            runner.cache_layer_inputs()
-        score = perplexity_score(runner, blocks, chunk) if score_name == "ppl" else kl_score(runner)
-        start = time.perf_counter()
-        table, evaluations = dp_depth_table(
-            num_layers, scan, max_removed,
-            lambda removed, boundary: score(runner.final_states(removed, boundary if cached else 0)),
-        )
-        results["dp"][name] = {"table": table, "evaluations": evaluations, "layer_forwards": runner.layer_forwards,
-                               "seconds": time.perf_counter() - start}
-        save_results(out, results)
-        tables[name] = table
-    if tables["DP-ppl naive"] != tables["DP-ppl"]:
+    if results["dp"]["timing: DP-ppl cached"]["table"] != results["dp"]["timing: DP-ppl naive"]["table"]:
         print("warning: naive and cached DP tables differ", file=sys.stderr)
-    tables.pop("DP-ppl naive")
     return tables
 
 
@@ -116,6 +123,7 @@ def main() -> None:
     parser.add_argument("--calibration", default="calibration/c4_demo.jsonl")
     parser.add_argument("--samples", type=int, default=4, help="DP calibration blocks")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per DP calibration block")
+    parser.add_argument("--timing-samples", type=int, default=2, help="blocks of 64 tokens for cached-vs-naive timing")
     parser.add_argument("--width-samples", type=int, default=16, help="blocks of 256 tokens for width statistics")
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--window", type=int, default=512)
@@ -152,7 +160,8 @@ def main() -> None:
     evaluate("dense", {"kind": "dense", "method": "dense"}, model, 30, 1.0)
 
     blocks = text_blocks(calibration, tokenizer, args.samples, args.seq_len)
-    for method, table in depth_tables(model, blocks, min(DEPTHS), results, out, chunk=4).items():
+    timing_blocks = text_blocks(calibration, tokenizer, args.timing_samples, 64)
+    for method, table in depth_tables(model, blocks, timing_blocks, min(DEPTHS), results, out, chunk=4).items():
         model.config.depth_table = table
         model.model.reset_shape_space()
         for depth in DEPTHS:
