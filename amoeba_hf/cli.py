@@ -212,7 +212,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     )
     model, tokenizer = load_or_convert(args.model_dir)
     work_dir = out.parent / f".{out.name}.train-work"
-    finetune(model, tokenizer, settings, work_dir)
+    trainer = finetune(model, tokenizer, settings, work_dir)
+    if not trainer.is_world_process_zero():
+        return
     with atomic_directory(out) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -223,7 +225,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_build(args: argparse.Namespace) -> None:
     from .build import build, format_report
 
-    overrides = {"steps": args.steps} if args.steps is not None else None
+    overrides = {key: value for key, value in (("steps", args.steps), ("generated_tokens", args.generated_tokens))
+                 if value is not None}
     report = build(args.model, args.out, preset=args.preset, data=args.data, eval_data=args.eval_data,
                    min_depth=args.min_depth, seed=args.seed, overrides=overrides)
     print(format_report(report))
@@ -368,6 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     build_cmd.add_argument("--out", required=True, help="new folder for the checkpoint; re-run to resume")
     build_cmd.add_argument("--min-depth", type=int, default=None, help="smallest depth (default: half the layers)")
     build_cmd.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    build_cmd.add_argument("--generated-tokens", type=int, default=None,
+                           help="override the preset's length of each self-generated answer")
     build_cmd.add_argument("--seed", type=int, default=0)
 
     convert = add("convert", _cmd_convert, "convert a Llama/Mistral/Qwen2 model into an any-shape checkpoint")

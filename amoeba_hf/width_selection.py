@@ -21,7 +21,9 @@ class ChannelStatistics:
         self.m2 = torch.zeros(size, dtype=torch.float64)
 
     def update(self, values: torch.Tensor) -> None:
-        rows = values.reshape(-1, values.shape[-1]).double()
+        rows = values.detach().reshape(-1, values.shape[-1]).double()
+        if self.mean.device != rows.device:
+            self.mean, self.m2 = self.mean.to(rows.device), self.m2.to(rows.device)
         batch_count = rows.shape[0]
         batch_mean = rows.mean(0)
         batch_m2 = ((rows - batch_mean) ** 2).sum(0)
