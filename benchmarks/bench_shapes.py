@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.defaults import convert_source
+from amoeba_hf.profiling import time_decode, time_prefill, time_set_shape
 
 TARGETS = (0.8, 0.65, 0.5)
 CACHE = Path(__file__).resolve().parent / ".cache"
@@ -43,18 +44,14 @@ def pick_shapes(model: AmoebaForCausalLM) -> list[tuple[str, int, float]]:
     return shapes
 
 
-def time_prefill(model, ids: torch.Tensor) -> float:
-    with torch.no_grad():
-        start = time.perf_counter()
-        model(ids, use_cache=False)
-        return ids.numel() / (time.perf_counter() - start)
+def prefill_tokens_per_s(model, ids: torch.Tensor) -> float:
+    return ids.numel() / time_prefill(model, ids)[0]
 
 
-def time_decode(model, ids: torch.Tensor, new_tokens: int) -> float:
-    with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        return new_tokens / (time.perf_counter() - start)
+def decode_tokens_per_s(model, ids: torch.Tensor, new_tokens: int) -> float:
+    """Greedy decode speed after reading `ids` (the prompt is not timed)."""
+    _, cache, next_tokens = time_prefill(model, ids)
+    return new_tokens / time_decode(model, cache, next_tokens, new_tokens)
 
 
 def peak_rss_mb(folder: Path, shape: tuple[int, float] | None, seq: int) -> float:
@@ -89,12 +86,7 @@ def main() -> None:
     space = model.shape_space
     full_params = space.parameter_count(space.num_layers, 1.0)
 
-    switch = []
-    for i in range(100):
-        _, depth, width = shapes[i % len(shapes)]
-        start = time.perf_counter()
-        model.set_shape(depth, width)
-        switch.append((time.perf_counter() - start) * 1e3)
+    switch = time_set_shape(model, [(depth, width) for _, depth, width in shapes])
 
     exported_dir = Path(tempfile.mkdtemp(prefix="amoeba-bench-"))
     subnets = {}
@@ -107,17 +99,17 @@ def main() -> None:
 
     for name, depth, width in shapes:  # warm-up: first calls allocate and pick kernels
         model.set_shape(depth, width)
-        time_prefill(model, prefill_ids)
-        time_prefill(subnets[name], prefill_ids)
+        prefill_tokens_per_s(model, prefill_ids)
+        prefill_tokens_per_s(subnets[name], prefill_ids)
     samples = {name: {"elastic_prefill": [], "exported_prefill": [], "elastic_decode": [], "exported_decode": []}
                for name, _, _ in shapes}
     for _ in range(args.repeats):
         for name, depth, width in shapes:
             model.set_shape(depth, width)
-            samples[name]["elastic_prefill"].append(time_prefill(model, prefill_ids))
-            samples[name]["exported_prefill"].append(time_prefill(subnets[name], prefill_ids))
-            samples[name]["elastic_decode"].append(time_decode(model, decode_ids, args.new_tokens))
-            samples[name]["exported_decode"].append(time_decode(subnets[name], decode_ids, args.new_tokens))
+            samples[name]["elastic_prefill"].append(prefill_tokens_per_s(model, prefill_ids))
+            samples[name]["exported_prefill"].append(prefill_tokens_per_s(subnets[name], prefill_ids))
+            samples[name]["elastic_decode"].append(decode_tokens_per_s(model, decode_ids, args.new_tokens))
+            samples[name]["exported_decode"].append(decode_tokens_per_s(subnets[name], decode_ids, args.new_tokens))
         print(f"repetition done ({len(samples['full']['elastic_prefill'])}/{args.repeats})", file=sys.stderr)
 
     median = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
