@@ -1,0 +1,94 @@
+"""`amoeba build` end to end on a tiny model: completes, resumes after SIGINT/SIGKILL in every stage, bad input."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from amoeba_hf.cli import main
+from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_source_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny_src")
+    tiny_source("llama").save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def build_command(source: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "amoeba_hf.cli", "build", "--model", str(source), "--out", str(out),
+            "--steps", "3", "--generated-tokens", "8", "--min-depth", "3"]
+
+
+def run_build(source: Path, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "AMOEBA_BUILD_FAULT"}
+    if fault:
+        env["AMOEBA_BUILD_FAULT"] = fault
+    return subprocess.run(build_command(source, out), env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_source_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("builds") / "reference"
+    result = run_build(tiny_source_dir, out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def test_build_writes_a_complete_checkpoint_loadable_without_amoeba_hf(uninterrupted, tmp_path):
+    names = {p.name for p in uninterrupted.iterdir()}
+    assert {"model.safetensors", "config.json", "modeling_amoeba.py", "README.md", "frontier.png", "build.log",
+            "build_report.json", "amoeba_eval.json", "tokenizer.json"} <= names
+    assert not (uninterrupted.parent / f".{uninterrupted.name}.build").exists()
+    code = f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(uninterrupted)!r}, trust_remote_code=True).eval()
+        assert model.config.smol_experts > 0 and model.config.depth_table
+        model.set_shape(3, 0.5)
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False)
+    """
+    result = run_without_amoeba_hf(code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("fault", [
+    "data:2:SIGINT", "data:2:SIGKILL", "calibrate:1:SIGINT", "calibrate:1:SIGKILL", "train:2:SIGINT", "train:1:SIGKILL",
+])
+def test_interrupted_build_resumes_to_the_uninterrupted_result(tiny_source_dir, uninterrupted, tmp_path, fault):
+    out = tmp_path / "build"
+    interrupted = run_build(tiny_source_dir, out, fault)
+    assert interrupted.returncode != 0
+    assert not out.exists()
+    stage = fault.split(":")[0]
+    work = tmp_path / ".build.build"
+    assert work.exists()
+    resumed = run_build(tiny_source_dir, out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (out / "build.log").read_text()
+    if stage != "data":
+        assert log.count("2/5 generate") == 1, "finished steps must not run again"
+    assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+def test_build_bad_input_is_one_line_and_overwrites_nothing(tiny_source_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "config.json").write_text("{}")
+    cases = [
+        (["--model", "no-such-org/no-such-model", "--out", str(tmp_path / "a")], "no-such-org/no-such-model"),
+        (["--model", str(tiny_source_dir), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "b")],
+         "does not exist"),
+        (["--model", str(tiny_source_dir), "--out", str(occupied)], "not empty"),
+    ]
+    for arguments, message in cases:
+        assert main(["build", *arguments]) == 2
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1, error
+    assert [p.name for p in occupied.iterdir()] == ["config.json"]
+    assert not (tmp_path / "b").exists()
