@@ -28,6 +28,7 @@ class LayerRunner:
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, chunk_size: int = 4):
         self.model = model
         self.inner = model.model
+        self.inner.route(deterministic=True)
         self.chunks = []
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], chunk_size):
