@@ -271,7 +271,8 @@ def _load_for_profiling(args: argparse.Namespace):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=dtype)
     return model.to(device).eval()
 
 

@@ -303,12 +303,12 @@ def build_candidates(
             if shape_profile is None:
                 raise ValueError(f"shape {shape_key(depth, width)} has no {mode} profile")
             memory = shape_profile.memory_bytes(batch_size)
-            measured = dict(
-                latency_ms=shape_profile.decode_latency_ms(batch_size),
-                tokens_per_s=shape_profile.decode_tokens_per_s(batch_size),
-                ttft_ms=shape_profile.ttft_ms(profile.settings.prompt_lengths[0]),
-                memory_gb=None if memory is None else memory / 1e9,
-            )
+            measured = {
+                "latency_ms": shape_profile.decode_latency_ms(batch_size),
+                "tokens_per_s": shape_profile.decode_tokens_per_s(batch_size),
+                "ttft_ms": shape_profile.ttft_ms(profile.settings.prompt_lengths[0]),
+                "memory_gb": None if memory is None else memory / 1e9,
+            }
         candidates.append(Candidate(depth, width, space.parameter_count(depth, width), quality.values[depth, width],
                                     **measured))
     return candidates
@@ -356,9 +356,12 @@ def format_search(result: SearchResult) -> str:
                ("TTFT ms", lambda c: _number(c.ttft_ms)), ("memory GB", lambda c: _number(c.memory_gb, 3)),
                (result.quality_label, lambda c: _number(c.quality, 4))]
     widths = [max(10, len(name)) for name, _ in columns]
-    lines = [f"frontier: {result.quality_label} vs {result.resource.name} ({result.context}), "
-             f"{len(result.frontier)} of {len(result.candidates)} shapes",
-             f"  {'shape':<9} " + " ".join(f"{name:>{w}}" for (name, _), w in zip(columns, widths))]
+    title = (f"frontier: {result.quality_label} vs {result.resource.name} ({result.context}), "
+             f"{len(result.frontier)} of {len(result.candidates)} shapes")
+    lines = [
+        title,
+        f"  {'shape':<9} " + " ".join(f"{name:>{w}}" for (name, _), w in zip(columns, widths)),
+    ]
     for candidate in result.frontier:
         mark = "*" if candidate == result.best else " "
         lines.append(f"{mark} {candidate.key:<9} " + " ".join(f"{cell(candidate):>{w}}"
@@ -434,10 +437,10 @@ def plot_search(result: SearchResult, path: str | Path) -> None:
 
 
 __all__ = [
+    "FRONTIER_FILE",
     "Budget",
     "BudgetError",
     "Candidate",
-    "FRONTIER_FILE",
     "Quality",
     "SearchResult",
     "build_candidates",

@@ -336,12 +336,15 @@ def profile_shapes(
     shapes = list(dict.fromkeys(model.shape_space.validate(*shape) for shape in shapes))
     generator = torch.Generator().manual_seed(0)
     prompts = {
-        (batch, length): torch.randint(0, model.config.vocab_size, (batch, length), generator=generator).to(model.device)
+        (batch, length): torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)
         for batch in settings.batch_sizes for length in settings.prompt_lengths
     }
+    prompts = {key: ids.to(model.device) for key, ids in prompts.items()}
     previous, results = model.shape, {}
     for group in _groups(model, shapes, "exported" in modes):
-        subnets = {shape: model.export_subnet(*shape).to(model.device) for shape in group} if "exported" in modes else {}
+        subnets = {}
+        if "exported" in modes:
+            subnets = {shape: model.export_subnet(*shape).to(model.device) for shape in group}
         samples = {(shape, mode): _Samples() for shape in group for mode in modes}
         for repetition in range(repeats + 1):
             for shape in group:
@@ -447,7 +450,8 @@ def format_profile(profile: DeviceProfile, space, shapes: Iterable[tuple[int, fl
             if measured is None:
                 continue
             values = [measured.ttft_ms(first)]
-            values += [measured.prefill_tokens_per_s(b, n) for b in settings.batch_sizes for n in settings.prompt_lengths]
+            values += [measured.prefill_tokens_per_s(b, n)
+                       for b in settings.batch_sizes for n in settings.prompt_lengths]
             values += [measured.decode_tokens_per_s(b) for b in settings.batch_sizes]
             values += [measured.decode_latency_ms(settings.batch_sizes[0])]
             values += [None if (m := measured.memory_bytes(b)) is None else m / 2**20 for b in settings.batch_sizes]
@@ -458,9 +462,9 @@ def format_profile(profile: DeviceProfile, space, shapes: Iterable[tuple[int, fl
 
 
 __all__ = [
-    "DeviceProfile",
     "MODES",
     "PROFILE_FILE",
+    "DeviceProfile",
     "ProfileSettings",
     "Runtime",
     "ShapeProfile",

@@ -186,11 +186,12 @@ def test_ties_in_quality_go_to_the_faster_shape(model):
 
 
 def test_impossible_budget_names_the_smallest_achievable_value(model):
-    candidates = build_candidates(model.shape_space, Quality("ppl", True, PERPLEXITY), synthetic_profile(model, LATENCY))
+    profile = synthetic_profile(model, LATENCY)
+    candidates = build_candidates(model.shape_space, Quality("ppl", True, PERPLEXITY), profile)
     with pytest.raises(BudgetError) as error:
         search_shape(candidates, Budget(max_latency_ms=1), quality_label="ppl", lower_is_better=True, context="batch 1")
-    assert str(error.value) == ("no shape of the 6 candidates meets the budget (batch 1): decode latency <= 1 ms/token: "
-                                "the smallest achievable is 2.5 ms/token (shape 3x0.5)")
+    assert str(error.value) == ("no shape of the 6 candidates meets the budget (batch 1): "
+                                "decode latency <= 1 ms/token: the smallest achievable is 2.5 ms/token (shape 3x0.5)")
     fast_but_big = Candidate(3, 0.5, 10**5, 50.0, latency_ms=2.5, memory_gb=0.5)
     small_but_slow = Candidate(6, 1.0, 10**6, 10.0, latency_ms=6.0, memory_gb=0.1)
     with pytest.raises(BudgetError, match="each limit alone can be met, but not all together"):
