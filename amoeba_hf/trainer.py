@@ -45,11 +45,15 @@ class AmoebaTrainingArguments(TrainingArguments):
             self.ddp_find_unused_parameters = True
 
 
-def shifted(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits at the positions that predict a labelled token, and those tokens (next-token alignment)."""
-    targets = labels[:, 1:]
-    mask = targets.ne(IGNORE_INDEX)
-    return logits[:, :-1][mask], targets[mask]
+def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is labelled, as a boolean (batch, seq) mask.
+
+    Passed as `logits_to_keep`, it makes the model project only these positions onto the vocabulary (flattened, in
+    the order of `labels[:, 1:][mask]`): prompt positions never need logits, and the teacher keeps far fewer.
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = labels[:, 1:].ne(IGNORE_INDEX)
+    return mask
 
 
 class AmoebaTrainer(Trainer):
@@ -90,48 +94,63 @@ class AmoebaTrainer(Trainer):
             count = count / self.accelerator.num_processes
         return count
 
-    def _student_loss(self, logits, labels, teacher_logits) -> torch.Tensor:
-        student, targets = shifted(logits, labels)
-        ce = F.cross_entropy(student.float(), targets, reduction="sum")
-        if teacher_logits is None:
-            return ce
+    def _teacher_targets(self, logits: torch.Tensor) -> torch.Tensor:
+        """The largest shape's detached distribution at temperature T: probabilities (soft CE) or log-probabilities (KL)."""
+        log_probs = F.log_softmax(logits.detach().float() / self.args.distill_temperature, dim=-1)
+        return log_probs if self.args.distill_loss == "kl" else log_probs.exp()
+
+    def _shape_loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+        """Summed loss of one shape over the labelled positions: cross-entropy, or distillation from `teacher`."""
+        logits = logits.float()
+        if teacher is None:
+            return F.cross_entropy(logits, targets, reduction="sum")
         temperature = self.args.distill_temperature
-        teacher = F.log_softmax(shifted(teacher_logits, labels)[0].float() / temperature, dim=-1)
-        log_student = F.log_softmax(student.float() / temperature, dim=-1)
+        log_student = F.log_softmax(logits / temperature, dim=-1)
         if self.args.distill_loss == "kl":
             distill = F.kl_div(log_student, teacher, log_target=True, reduction="sum")
         else:
-            distill = -(teacher.exp() * log_student).sum()
+            distill = -(teacher * log_student).sum()
         distill = distill * temperature**2
         weight = self.args.distill_ce_weight
-        return (1.0 - weight) * distill + weight * ce
+        if weight == 0.0:
+            return distill
+        return (1.0 - weight) * distill + weight * F.cross_entropy(logits, targets, reduction="sum")
+
+    def _summed_over_processes(self, loss: torch.Tensor) -> torch.Tensor:
+        """A detached loss summed over processes: under DDP a micro-batch is the union of every process's slice,
+        so balancing must use the whole micro-batch's losses to match one process with the same global batch."""
+        if self.accelerator.num_processes == 1:
+            return loss
+        return self.accelerator.reduce(loss.clone(), reduction="sum")
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         model.train()
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"]
+        mask = prediction_mask(labels)
+        targets = labels[:, 1:][mask[:, :-1]]
         forward_inputs = {k: v for k, v in inputs.items() if k != "labels"}
         amoeba = self.accelerator.unwrap_model(model)
         normaliser = self._normaliser(labels, num_items_in_batch)
         shapes = self.sample_shapes(amoeba)
-        teacher_logits, teacher_loss, total = None, None, 0.0
+        teacher, teacher_magnitude, total = None, None, 0.0
         try:
             for index, (role, shape) in enumerate(shapes):
                 amoeba.set_shape(*shape)
                 last = index == len(shapes) - 1
                 sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
                 with sync, self.compute_loss_context_manager():
-                    logits = model(**forward_inputs, use_cache=False).logits
-                    if index == 0:
-                        loss = self._student_loss(logits, labels, None) / normaliser
-                        teacher_loss = loss.detach()
-                        if self.args.distillation:
-                            teacher_logits = logits.detach()
-                    else:
-                        loss = self._student_loss(logits, labels, teacher_logits) / normaliser
+                    logits = model(**forward_inputs, use_cache=False, logits_to_keep=mask).logits
+                    loss = self._shape_loss(logits, targets, teacher) / normaliser
                     self._shape_losses.setdefault(role, []).append(loss.detach().item())
-                    if index > 0 and self.args.loss_balancing:
-                        loss = loss * (teacher_loss / loss.detach().clamp(min=1e-12))
+                    if self.args.loss_balancing:
+                        magnitude = self._summed_over_processes(loss.detach())
+                        if index == 0:
+                            teacher_magnitude = magnitude
+                        else:
+                            loss = loss * (teacher_magnitude / magnitude.clamp(min=1e-12))
+                    if index == 0 and self.args.distillation:
+                        teacher = self._teacher_targets(logits)
                     self.accelerator.backward(loss)
                     total += loss.detach()
                 del logits, loss
