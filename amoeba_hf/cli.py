@@ -200,7 +200,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
     import shutil
 
     from .defaults import load_or_convert
-    from .finetune import FinetuneSettings, finetune
+    from .finetune import FinetuneSettings, check_data, finetune
 
     out = ensure_free_output_dir(args.out)
     settings = FinetuneSettings(
@@ -210,6 +210,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         widths=_parse_widths(args.widths) if args.widths else None, distillation=not args.no_distillation,
         loss_balancing=not args.no_balancing, train_base=args.train_base, save_steps=args.save_steps, seed=args.seed,
     )
+    check_data(settings.data)
     model, tokenizer = load_or_convert(args.model_dir)
     work_dir = out.parent / f".{out.name}.train-work"
     trainer = finetune(model, tokenizer, settings, work_dir)

@@ -5,11 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import concatenate_datasets
-from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainerCallback, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .trainer import AmoebaTrainer, AmoebaTrainingArguments
-from .training_data import instruction_dataset, text_dataset
+from .training_data import INSTRUCTION_FIELDS, TEXT_FIELDS, instruction_dataset, load_records, text_dataset
 
 
 @dataclass
@@ -39,28 +40,56 @@ class FinetuneSettings:
     seed: int = 0
 
 
-def build_dataset(paths: list[str], tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings):
-    """Instruction files (with `instruction`/`output`) and text files, tokenised and concatenated."""
+def is_instruction_file(path: str) -> bool:
+    """Instruction data (Alpaca records with `instruction`/`output`) rather than plain text, judged by the file's head."""
+    return not path.endswith(".txt") and '"instruction"' in Path(path).read_text(errors="replace")[:4096]
+
+
+def check_data(paths: list[str]) -> None:
+    """Fail fast, before a model is loaded: every file exists, parses and has the fields its kind needs."""
     if not paths:
         raise ValueError("no training data given")
-    parts = []
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"training data {path} does not exist")
-        head = Path(path).read_text(errors="replace")[:4096]
-        if path.endswith(".txt") or '"instruction"' not in head:
-            parts.append(text_dataset(path, tokenizer, settings.text_block_size))
-        else:
+        load_records(path, INSTRUCTION_FIELDS if is_instruction_file(path) else TEXT_FIELDS)
+
+
+def build_dataset(paths: list[str], tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings):
+    """Instruction files (with `instruction`/`output`) and text files, tokenised and concatenated."""
+    check_data(paths)
+    parts = []
+    for path in paths:
+        if is_instruction_file(path):
             parts.append(instruction_dataset(path, tokenizer, settings.max_prompt_tokens, settings.max_response_tokens,
                                              settings.template))
+        else:
+            parts.append(text_dataset(path, tokenizer, settings.text_block_size))
     return concatenate_datasets(parts).shuffle(seed=settings.seed)
+
+
+def last_complete_checkpoint(work_dir: str | os.PathLike) -> str | None:
+    """Newest `checkpoint-N` whose trainer state was written (last, by the Trainer); None if there is none.
+
+    A process killed while saving leaves a checkpoint folder without it, and resuming from that one would fail.
+    """
+    folder = Path(work_dir)
+    if not folder.is_dir():
+        return None
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        suffix = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if suffix.isdigit() and (path / TRAINER_STATE_NAME).is_file():
+            steps[int(suffix)] = path
+    return str(steps[max(steps)]) if steps else None
 
 
 def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings, work_dir: str | os.PathLike,
              callbacks: list[TrainerCallback] | None = None, **training_overrides) -> AmoebaTrainer:
-    """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run resumes from the newest one."""
+    """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run resumes from the newest complete one."""
     dataset = build_dataset(settings.data, tokenizer, settings)
     if not model.config.smol_experts and settings.experts:
+        set_seed(settings.seed)
         model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
                           alpha=settings.alpha, train_base=settings.train_base)
     args = AmoebaTrainingArguments(
@@ -90,7 +119,6 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
     )
-    last = get_last_checkpoint(str(work_dir)) if Path(work_dir).is_dir() else None
-    trainer.train(resume_from_checkpoint=last)
+    trainer.train(resume_from_checkpoint=last_complete_checkpoint(work_dir))
     model.eval()
     return trainer

@@ -1,8 +1,12 @@
 """Fine-tuning data: Alpaca-style instructions with response-only labels, or plain text packed into blocks."""
 
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from datasets import Dataset, load_dataset
+from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 from transformers import PreTrainedTokenizerBase
 
 IGNORE_INDEX = -100
@@ -11,15 +15,51 @@ ALPACA_TEMPLATE = (
     "request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
 )
 TEMPLATES = ("auto", "chat", "alpaca")
+INSTRUCTION_FIELDS = ("instruction", "output")
+TEXT_FIELDS = ("text",)
 
 
-def _load(path: str | Path, fields: tuple[str, ...]) -> Dataset:
+def _check_json(path: Path) -> None:
+    """Parse JSON or JSON Lines with the standard library first: its error names the line, the `datasets` one does not."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    try:
+        json.loads(text)
+        return
+    except json.JSONDecodeError as error:
+        whole_file_error = error
+    lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if len(lines) <= 1:
+        raise ValueError(f"training data {path} is not valid JSON: {whole_file_error}")
+    for number, line in lines:
+        try:
+            json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"training data {path} is neither JSON nor JSON Lines: line {number}: {error}") from None
+
+
+@contextmanager
+def _without_progress_bars() -> Iterator[None]:
+    """Reading a file is quick; its progress bar would only sit between the user and a one-line error."""
+    already_disabled = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not already_disabled:
+            enable_progress_bars()
+
+
+def load_records(path: str | Path, fields: tuple[str, ...]) -> Dataset:
+    """The records of a `.txt` (one per line) or JSON/JSONL file, which must have `fields`; one-line errors."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} does not exist")
     builder = "text" if path.suffix == ".txt" else "json"
+    if builder == "json":
+        _check_json(path)
     try:
-        dataset = load_dataset(builder, data_files=str(path), split="train")
+        with _without_progress_bars():
+            dataset = load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:
         raise ValueError(f"cannot read training data {path} as {builder}: {error}") from error
     if len(dataset) == 0:
@@ -59,7 +99,7 @@ def instruction_dataset(
     Prompts keep their last `max_prompt_tokens` tokens (the instruction's end and the response header matter
     most); responses keep their first `max_response_tokens` tokens and end with EOS when it fits.
     """
-    dataset = _load(path, ("instruction", "output"))
+    dataset = load_records(path, INSTRUCTION_FIELDS)
 
     def encode(record: dict) -> dict:
         prompt = instruction_prompt(tokenizer, record["instruction"], record.get("input") or "", template)
@@ -78,7 +118,7 @@ def instruction_dataset(
 
 def text_dataset(path: str | Path, tokenizer: PreTrainedTokenizerBase, block_size: int = 256) -> Dataset:
     """Plain text (`.txt` lines or JSON `text`) joined with EOS and packed into full blocks, labels = inputs."""
-    dataset = _load(path, ("text",))
+    dataset = load_records(path, TEXT_FIELDS)
     separator = tokenizer.eos_token or "\n\n"
     ids = tokenizer(separator.join(t for t in dataset["text"] if t and t.strip()), add_special_tokens=False)["input_ids"]
     blocks = [ids[start : start + block_size] for start in range(0, len(ids) - block_size + 1, block_size)]
