@@ -1,0 +1,309 @@
+"""Stage 2 one-for-all fine-tuning: exact losses and gradients, DDP, kill-and-resume, the CLI, remote-code loading."""
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import DataCollatorForSeq2Seq, TrainerCallback
+
+from amoeba_hf import AmoebaForCausalLM
+from amoeba_hf.cli import main
+from amoeba_hf.trainer import AmoebaTrainer, AmoebaTrainingArguments
+from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
+from training_worker import DDP_STEPS, run_ddp, run_finetune, smol_model
+
+TESTS = Path(__file__).resolve().parent
+WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
+# Two micro-batches with 1 + 3 and 6 + 9 response tokens: a per-micro-batch mean weighs their tokens differently.
+ROWS = [
+    ([11, 12, 13, 14], [40]),
+    ([15, 16, 17], [41, 42, 43]),
+    ([18, 19], [44, 45, 46, 47, 48, 49]),
+    ([20, 21, 22, 23, 24], [50, 51, 52, 53, 54, 55, 56, 57, 58]),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models are dominated by thread synchronisation: on a shared CPU, one thread is an order faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def micro_batches() -> list[dict[str, torch.Tensor]]:
+    collator = DataCollatorForSeq2Seq(tiny_tokenizer(), label_pad_token_id=-100, padding=True)
+    rows = [{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in ROWS]
+    return [collator(rows[0:2]), collator(rows[2:4])]
+
+
+class GradientSnapshot(TrainerCallback):
+    """Copies the accumulated gradients just before the optimizer step (no clipping in these runs)."""
+
+    def __init__(self):
+        self.gradients: dict[str, torch.Tensor] = {}
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.gradients = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def train_one_step(model: AmoebaForCausalLM, tmp_path: Path, **recipe):
+    """One optimizer step over ROWS (2 micro-batches of 2); returns gradients, each backward's loss, the shapes."""
+    tokenizer = tiny_tokenizer()
+    args = AmoebaTrainingArguments(
+        output_dir=str(tmp_path / "trainer"), max_steps=1, per_device_train_batch_size=2,
+        gradient_accumulation_steps=2, max_grad_norm=0.0, train_sampling_strategy="sequential", save_strategy="no",
+        report_to=[], disable_tqdm=True, use_cpu=True, **recipe,
+    )
+    snapshot = GradientSnapshot()
+    trainer = AmoebaTrainer(
+        model=model, args=args, processing_class=tokenizer, callbacks=[snapshot],
+        train_dataset=Dataset.from_list([{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in ROWS]),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+    )
+    backward_losses, shapes = [], []
+    backward, sample_shapes = trainer.accelerator.backward, trainer.sample_shapes
+
+    def recording_backward(loss, **kwargs):
+        backward_losses.append(loss.item())
+        backward(loss, **kwargs)
+
+    def recording_sample_shapes(amoeba):
+        sandwich = sample_shapes(amoeba)
+        shapes.append([shape for _, shape in sandwich])
+        return sandwich
+
+    trainer.accelerator.backward, trainer.sample_shapes = recording_backward, recording_sample_shapes
+    trainer.train()
+    return snapshot.gradients, backward_losses, shapes
+
+
+def reference_gradients(model, shapes, *, distillation: bool, balancing: bool, exact: bool) -> dict[str, torch.Tensor]:
+    """The total loss written out from the formulas, one backward.
+
+    Per micro-batch: CE of the largest shape on the response tokens; each other shape's soft cross-entropy against
+    the largest shape's detached distribution (or CE without distillation), times sg(L_0)/sg(L_i) with balancing.
+    Token sums are divided by the response-token count of the whole accumulated batch (`exact`), or naively by the
+    micro-batch's own count times the number of micro-batches.
+    """
+    model = copy.deepcopy(model).train()
+    batches = micro_batches()
+    total_tokens = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)
+    total = 0.0
+    for batch, sandwich in zip(batches, shapes):
+        targets = batch["labels"][:, 1:]
+        mask = targets.ne(-100)
+        count = total_tokens if exact else int(mask.sum()) * len(batches)
+        teacher_probs, teacher_loss = None, None
+        for index, shape in enumerate(sandwich):
+            model.set_shape(*shape)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            log_probs = torch.log_softmax(logits, dim=-1)
+            if index == 0 or not distillation:
+                token_losses = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            else:
+                token_losses = -(teacher_probs * log_probs).sum(-1)
+            loss = (token_losses * mask).sum() / count
+            if index == 0:
+                teacher_probs, teacher_loss = torch.softmax(logits.detach(), dim=-1), loss.detach()
+            elif balancing:
+                loss = loss * teacher_loss / loss.detach()
+            total = total + loss
+    total.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+def largest_difference(left: dict[str, torch.Tensor], right: dict[str, torch.Tensor]) -> float:
+    assert left.keys() == right.keys()
+    return max((left[n] - right[n]).abs().max().item() for n in left)
+
+
+def test_every_balanced_loss_equals_the_largest_shapes_loss(tmp_path):
+    _, losses, shapes = train_one_step(smol_model(), tmp_path, random_shapes=2)
+    assert [len(s) for s in shapes] == [4, 4] and len(losses) == 8
+    for micro in (losses[:4], losses[4:]):
+        assert all(value == pytest.approx(micro[0], rel=1e-6) for value in micro[1:]), micro
+    assert losses[0] != pytest.approx(losses[4], rel=1e-3)
+
+    _, unbalanced, _ = train_one_step(smol_model(), tmp_path / "off", random_shapes=2, loss_balancing=False)
+    assert unbalanced[0] == pytest.approx(losses[0], rel=1e-6)
+    assert all(abs(value - unbalanced[0]) > 1e-4 * unbalanced[0] for value in unbalanced[1:4]), unbalanced
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [{}, {"loss_balancing": False}, {"distillation": False}],
+    ids=["distill+balance", "no-balancing", "ce-only"],
+)
+def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, recipe):
+    model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3).enable_smol(
+        experts=3, top_k=2, rank=4, router_noise=False
+    )
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(1)
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    initial = copy.deepcopy(model)
+    gradients, _, shapes = train_one_step(model, tmp_path, random_shapes=2, **recipe)
+    assert all(s[0] == (6, 1.0) and s[1] == (3, 0.5) for s in shapes)
+    options = {"distillation": recipe.get("distillation", True), "balancing": recipe.get("loss_balancing", True)}
+    exact = reference_gradients(initial, shapes, exact=True, **options)
+    assert any("shape_router" in n for n in exact) and any("lora_A" in n for n in exact)
+    scale = max(g.abs().max().item() for g in exact.values())
+    assert largest_difference(gradients, exact) <= 1e-5 * scale
+
+    naive = reference_gradients(initial, shapes, exact=False, **options)
+    assert largest_difference(gradients, naive) >= 1e-2 * scale
+
+
+def run_worker(*args: str, timeout: int = 300) -> None:
+    result = subprocess.run(args, check=False, cwd=TESTS, env=WORKER_ENV, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+def test_two_process_ddp_ends_with_the_parameters_of_one_process(tmp_path):
+    """Same global batch (4 x 2 accumulation, sequential order), 3 SGD steps with clipping and router noise.
+
+    Holds only if balancing uses the losses of the whole micro-batch (summed over processes), and if parameters used
+    by an earlier shape of the sandwich, under `no_sync`, but not by the last one, are still reduced.
+    """
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    run_worker(*torchrun, "training_worker.py", "ddp", str(tmp_path / "ddp.pt"))
+    run_ddp(str(tmp_path / "single.pt"))
+    rank0, rank1 = torch.load(tmp_path / "ddp.rank0.pt"), torch.load(tmp_path / "ddp.rank1.pt")
+    single = torch.load(tmp_path / "single.rank0.pt")
+
+    assert rank0["shapes"] == rank1["shapes"] == single["shapes"] and len(single["shapes"]) == 2 * DDP_STEPS
+    space = smol_model().shape_space
+    last_shape_layers = [set(space.layer_widths(*sandwich[-1])) for sandwich in single["shapes"]]
+    assert any(len(layers) < space.num_layers for layers in last_shape_layers)
+
+    assert largest_difference(rank0["weights"], rank1["weights"]) == 0.0
+    initial = {n: p.detach() for n, p in smol_model().named_parameters() if p.requires_grad}
+    assert largest_difference(single["weights"], initial) > 1e-2
+    assert largest_difference(rank0["weights"], single["weights"]) <= 1e-6
+
+
+def write_instructions(path: Path, count: int = 24) -> Path:
+    generator = torch.Generator().manual_seed(5)
+
+    def words(length: int) -> str:
+        return " ".join(f"w{i}" for i in torch.randint(3, 97, (length,), generator=generator).tolist())
+
+    records = [{"instruction": words(3 + i % 4), "input": "", "output": words(2 + i % 6)} for i in range(count)]
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    data = write_instructions(tmp_path / "data.json")
+    run_finetune(str(tmp_path / "straight"), str(data), str(tmp_path / "straight.pt"), pause_step=None)
+
+    work = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "training_worker.py", "finetune", str(work), str(data), str(tmp_path / "killed.pt"), "3"],
+        cwd=TESTS, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )
+    try:
+        for line in process.stdout:
+            if line.startswith("paused at step 3"):
+                break
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in work.glob("checkpoint-*")) == ["checkpoint-2"]
+    assert not (tmp_path / "killed.pt").exists()
+    (work / "checkpoint-4").mkdir()
+    (work / "checkpoint-4" / "model.safetensors").write_bytes(b"half-written")
+
+    run_worker(sys.executable, "training_worker.py", "finetune", str(work), str(data), str(tmp_path / "killed.pt"))
+    straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "killed.pt")
+    assert straight.keys() == resumed.keys()
+    changed = [n for n in straight if "lora_B" in n and straight[n].abs().sum() > 0]
+    assert changed
+    assert all(torch.equal(straight[n], resumed[n]) for n in straight)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny") / "checkpoint"
+    AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "does not exist"),
+        ([{"instruction": "w5 w6", "input": ""}], "lacks field(s) ['output']"),
+        ([{"prompt": "w5", "completion": "w6"}], "lacks field(s) ['text']"),
+        ("{not json", "is not valid JSON: Expecting property name"),
+    ],
+    ids=["missing-file", "no-output", "no-text", "malformed"],
+)
+def test_train_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, tiny_checkpoint, content, message):
+    data = tmp_path / "data.json"
+    if content is not None:
+        data.write_text(content if isinstance(content, str) else json.dumps(content))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["train", str(tiny_checkpoint), "--data", str(data), "--out", str(tmp_path / "trained")])
+    error = capsys.readouterr().err.strip()
+    assert code == 2
+    assert error.startswith("amoeba train: error:") and message in error and "\n" not in error, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_trained_checkpoint_loads_without_amoeba_hf_and_runs_any_shape_with_its_experts(tmp_path, tiny_checkpoint):
+    data = write_instructions(tmp_path / "data.json")
+    out = tmp_path / "trained"
+    code = main(["train", str(tiny_checkpoint), "--data", str(data), "--out", str(out), "--steps", "2",
+                 "--batch-size", "2", "--grad-accum", "1", "--experts", "3", "--rank", "4", "--lr", "1e-2"])
+    assert code == 0
+    assert not list(tmp_path.glob(".trained*"))
+    model = AmoebaForCausalLM.from_pretrained(out).eval()
+    assert model.config.smol_experts == 3
+    assert all(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    ids = torch.tensor([[5, 17, 33, 8, 91, 4, 60, 22]])
+    expected = {}
+    for shape in [(6, 1.0), (4, 0.75), (3, 0.5)]:
+        model.set_shape(*shape)
+        with torch.no_grad():
+            logits = model(ids).logits
+            plain = model.export_subnet()(ids).logits
+        assert (plain - logits).abs().max() <= 1e-5
+        expected[f"{shape[0]}x{shape[1]}"] = {
+            "logits": logits, "generated": model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0),
+        }
+    torch.save(expected, tmp_path / "expected.pt")
+    code = f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules") and model.config.smol_experts == 3
+        expected = torch.load({str(tmp_path / "expected.pt")!r})
+        ids = torch.tensor([[5, 17, 33, 8, 91, 4, 60, 22]])
+        gates = set()
+        for key, values in expected.items():
+            depth, width = key.split("x")
+            model.set_shape(int(depth), float(width))
+            gates.add(tuple(model.model.shape_router().tolist()))
+            with torch.no_grad():
+                assert torch.equal(model(ids).logits, values["logits"]), key
+            generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+            assert torch.equal(generated, values["generated"]), key
+        assert len(gates) == 3
+        print("ok")
+    """
+    result = run_without_amoeba_hf(code, cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
