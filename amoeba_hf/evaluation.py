@@ -231,7 +231,7 @@ def score_task(
             acc.extend(correct)
     if not acc:
         raise ValueError(f"{encoded.name}: no items to score")
-    if len(encoded.groups) > 1:
+    if list(encoded.groups) != [""]:
         return {"acc": sum(per_group.values()) / len(per_group), "acc_micro": _accuracy(acc)[0], "items": len(acc),
                 "subjects": per_group}
     mean, stderr = _accuracy(acc)
