@@ -47,9 +47,7 @@ def _record_text(record: dict) -> str:
     """A record's text: its `text` field, or an Alpaca record's instruction, input and output joined."""
     if "text" in record:
         return record["text"]
-    if "instruction" in record and "output" in record:
-        return "\n\n".join(part for part in (record["instruction"], record.get("input"), record["output"]) if part)
-    raise ValueError(f"calibration records need a `text` field (or Alpaca `instruction`/`output`); got {sorted(record)}")
+    return "\n\n".join(part for part in (record["instruction"], record.get("input"), record["output"]) if part)
 
 
 def text_blocks(
@@ -62,7 +60,13 @@ def text_blocks(
     """
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
-    documents = [text for text in (_record_text(r) for r in _load_records(path, ())) if text and text.strip()]
+    records = _load_records(path, ())
+    columns = sorted(records[0])
+    if "text" not in columns and not {"instruction", "output"} <= set(columns):
+        raise ValueError(
+            f"calibration file {path} lacks field(s) ['text'] (or Alpaca 'instruction'/'output'); it has {columns}"
+        )
+    documents = [text for text in (_record_text(r) for r in records) if text and text.strip()]
     if not documents:
         raise ValueError(f"calibration file {path} has no non-empty text")
     random.Random(seed).shuffle(documents)

@@ -87,4 +87,10 @@ def load_or_convert(model: str | None, **shape_kwargs) -> tuple[AmoebaForCausalL
     """An any-shape checkpoint as it is, or any supported source model converted; with its tokenizer."""
     if is_amoeba_checkpoint(model):
         return AmoebaForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model, trust_remote_code=True)
-    return convert_source(model, **shape_kwargs), load_tokenizer(model)
+    try:
+        return convert_source(model, **shape_kwargs), load_tokenizer(model)
+    except OSError as error:
+        if model is None or Path(model).exists():
+            raise
+        reason = str(error).strip().splitlines()[0]
+        raise OSError(f"cannot load model {model!r}: it is not a local folder or .gguf file, and the Hub says: {reason}") from error
