@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 from transformers import Trainer, TrainingArguments
 
 from .training_data import IGNORE_INDEX
@@ -56,12 +57,35 @@ def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
     return mask
 
 
+class SoftCrossEntropy(torch.autograd.Function):
+    """Summed soft cross-entropy `-sum(p * log_softmax(z))` of logits z against probabilities p (rows sum to 1).
+
+    The gradient is taken in closed form, `softmax(z) - p`, in place in the saved log-probabilities: over
+    (positions x vocabulary) this makes half the passes and allocations of autograd's, about twice as fast on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+        log_probs = F.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(log_probs, target_probs)
+        return -torch.dot(target_probs.reshape(-1), log_probs.reshape(-1))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor, None]:
+        log_probs, target_probs = ctx.saved_tensors
+        return log_probs.exp_().sub_(target_probs).mul_(grad_output), None
+
+
 class AmoebaTrainer(Trainer):
     """`Trainer` whose every step trains a sandwich of shapes of one `AmoebaForCausalLM`.
 
     Each shape gets its own forward and backward (one graph in memory at a time), under `no_sync` except the
-    last, so DDP reduces once per micro-batch. Losses are token sums over `num_items_in_batch`, so gradient
-    accumulation and multi-process averaging are exact. The model is back at its full shape after each step.
+    last, so DDP reduces once per micro-batch. A parameter that only an earlier shape used (a layer the last shape
+    skips) is still reduced: with `find_unused_parameters`, DDP counts it as used locally and all-reduces its
+    accumulated gradient in the last backward. Losses are token sums over `num_items_in_batch`, and balancing uses
+    the losses summed over processes, so gradient accumulation and multi-process training equal one process with
+    the same global batch (tests/test_training.py). The model is back at its full shape after each step.
     """
 
     args: AmoebaTrainingArguments
@@ -94,23 +118,25 @@ class AmoebaTrainer(Trainer):
             count = count / self.accelerator.num_processes
         return count
 
-    def _teacher_targets(self, logits: torch.Tensor) -> torch.Tensor:
-        """The largest shape's detached distribution at temperature T: probabilities (soft CE) or log-probabilities (KL)."""
+    def _teacher_targets(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The largest shape's detached distribution at temperature T, and what turns soft CE into KL:
+        `sum(p * log p)` for `distill_loss="kl"` (a constant, so both losses have the same gradient), else 0."""
         log_probs = F.log_softmax(logits.detach().float() / self.args.distill_temperature, dim=-1)
-        return log_probs if self.args.distill_loss == "kl" else log_probs.exp()
+        probs = log_probs.exp()
+        if self.args.distill_loss == "kl":
+            return probs, torch.dot(probs.reshape(-1), log_probs.reshape(-1))
+        return probs, probs.new_zeros(())
 
-    def _shape_loss(self, logits: torch.Tensor, targets: torch.Tensor, teacher: torch.Tensor | None) -> torch.Tensor:
+    def _shape_loss(self, logits: torch.Tensor, targets: torch.Tensor,
+                    teacher: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Summed loss of one shape over the labelled positions: cross-entropy, or distillation from `teacher`."""
         logits = logits.float()
         if teacher is None:
             return F.cross_entropy(logits, targets, reduction="sum")
+        probs, kl_offset = teacher
         temperature = self.args.distill_temperature
-        log_student = F.log_softmax(logits / temperature, dim=-1)
-        if self.args.distill_loss == "kl":
-            distill = F.kl_div(log_student, teacher, log_target=True, reduction="sum")
-        else:
-            distill = -(teacher * log_student).sum()
-        distill = distill * temperature**2
+        student = logits if temperature == 1.0 else logits / temperature
+        distill = (SoftCrossEntropy.apply(student, probs) + kl_offset) * temperature**2
         weight = self.args.distill_ce_weight
         if weight == 0.0:
             return distill

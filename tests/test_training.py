@@ -15,7 +15,7 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.cli import main
-from amoeba_hf.trainer import AmoebaTrainer, AmoebaTrainingArguments
+from amoeba_hf.trainer import AmoebaTrainer, AmoebaTrainingArguments, SoftCrossEntropy
 from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
 from training_worker import DDP_STEPS, run_ddp, run_finetune, smol_model
 
@@ -140,8 +140,8 @@ def test_every_balanced_loss_equals_the_largest_shapes_loss(tmp_path):
 
 @pytest.mark.parametrize(
     "recipe",
-    [{}, {"loss_balancing": False}, {"distillation": False}],
-    ids=["distill+balance", "no-balancing", "ce-only"],
+    [{}, {"loss_balancing": False}, {"distillation": False}, {"distill_loss": "kl", "loss_balancing": False}],
+    ids=["distill+balance", "no-balancing", "ce-only", "kl-no-balancing"],
 )
 def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, recipe):
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3).enable_smol(
@@ -163,6 +163,18 @@ def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, reci
 
     naive = reference_gradients(initial, shapes, exact=False, **options)
     assert largest_difference(gradients, naive) >= 1e-2 * scale
+
+
+def test_closed_form_soft_cross_entropy_equals_autograd():
+    generator = torch.Generator().manual_seed(2)
+    logits = torch.randn(7, 97, generator=generator, dtype=torch.float64, requires_grad=True)
+    probs = torch.softmax(torch.randn(7, 97, generator=generator, dtype=torch.float64), dim=-1)
+    loss = SoftCrossEntropy.apply(logits, probs)
+    (gradient,) = torch.autograd.grad(3.0 * loss, logits)
+    reference_logits = logits.detach().clone().requires_grad_()
+    reference = -(probs * torch.log_softmax(reference_logits, dim=-1)).sum()
+    (3.0 * reference).backward()
+    assert torch.allclose(loss, reference) and torch.allclose(gradient, reference_logits.grad)
 
 
 def run_worker(*args: str, timeout: int = 300) -> None:
