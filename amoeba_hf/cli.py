@@ -338,8 +338,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
 def _add_profile_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt-lengths", default="128", help="prefill lengths in tokens (default: 128)")
     parser.add_argument("--batch-sizes", default="1,4", help="batch sizes to measure (default: 1,4)")
-    parser.add_argument("--new-tokens", type=int, default=32,
-                        help="decode steps measured after the longest prompt (default: 32)")
+    parser.add_argument("--new-tokens", type=int, default=16,
+                        help="decode steps measured after the longest prompt (default: 16)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions, medians kept (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

@@ -115,7 +115,8 @@ class Candidate:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The chosen shape, the accuracy-efficiency frontier along the budget's first resource, and every candidate."""
+    """The chosen shape, the accuracy-efficiency frontier along the budget's first resource (among the shapes that
+    meet its other limits, so the chosen shape is on it), and every candidate."""
 
     best: Candidate
     frontier: list[Candidate]
@@ -177,7 +178,8 @@ def search_shape(
         raise BudgetError(_impossible_budget_message(candidates, limits, context))
     primary = limits[0][0]
     best = min(feasible, key=lambda c: (_quality_order(c.quality, lower_is_better), _cost(c, primary), c.parameters))
-    return SearchResult(best, pareto_frontier(candidates, primary, lower_is_better), candidates, budget,
+    within_others = [c for c in candidates if all(_meets(c, resource, limit) for resource, limit in limits[1:])]
+    return SearchResult(best, pareto_frontier(within_others, primary, lower_is_better), candidates, budget,
                         quality_label, lower_is_better, context)
 
 

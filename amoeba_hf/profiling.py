@@ -44,7 +44,7 @@ class ProfileSettings:
 
     prompt_lengths: tuple[int, ...] = (128,)
     batch_sizes: tuple[int, ...] = (1, 4)
-    new_tokens: int = 32
+    new_tokens: int = 16
 
     def __post_init__(self):
         for name in ("prompt_lengths", "batch_sizes"):

@@ -171,6 +171,7 @@ def test_search_uses_measured_speed_and_returns_the_known_best_shape(model, tmp_
     both = search_checkpoint(model, tmp_path, Budget(max_latency_ms=5.5, max_memory_gb=0.00245), quality,
                              settings=SETTINGS)
     assert both.best.key == "4x1"
+    assert [c.key for c in both.frontier] == ["3x0.5", "4x1"], "the frontier within the memory limit"
     throughput = search_checkpoint(model, tmp_path, Budget(min_tokens_per_s=450), quality, settings=SETTINGS,
                                    batch_size=2, mode="elastic")
     assert throughput.best.key == "4x1" and throughput.best.tokens_per_s == 500
