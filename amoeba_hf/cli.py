@@ -208,7 +208,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         learning_rate=args.lr, max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
         experts=args.experts, top_k=args.top_k, rank=args.rank, random_shapes=args.random_shapes,
         widths=_parse_widths(args.widths) if args.widths else None, distillation=not args.no_distillation,
-        loss_balancing=not args.no_balancing, train_base=args.train_base, save_steps=args.save_steps, seed=args.seed,
+        loss_balancing=not args.no_balancing, router_noise=not args.no_router_noise, train_base=args.train_base,
+        save_steps=args.save_steps, seed=args.seed,
     )
     check_data(settings.data)
     model, tokenizer = load_or_convert(args.model_dir)
@@ -424,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--widths", default=None, help="widths to sample, e.g. 1,0.875,0.75 (default: uniform range)")
     train.add_argument("--no-distillation", action="store_true", help="train every shape on labels (ablation)")
     train.add_argument("--no-balancing", action="store_true", help="disable loss-magnitude balancing (ablation)")
+    train.add_argument("--no-router-noise", action="store_true",
+                       help="route without training noise (learns faster on short budgets, see docs/training.md)")
     train.add_argument("--train-base", action="store_true", help="also train the base weights (default: frozen)")
     train.add_argument("--save-steps", type=int, default=50, help="checkpoint interval; re-run resumes from the last")
     train.add_argument("--seed", type=int, default=0)

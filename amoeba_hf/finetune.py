@@ -31,6 +31,7 @@ class FinetuneSettings:
     top_k: int = 2
     rank: int = 8
     alpha: float = 16.0
+    router_noise: bool = True
     random_shapes: int = 2
     widths: list[float] | None = None
     distillation: bool = True
@@ -91,7 +92,7 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
     if not model.config.smol_experts and settings.experts:
         set_seed(settings.seed)
         model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
-                          alpha=settings.alpha, train_base=settings.train_base)
+                          alpha=settings.alpha, router_noise=settings.router_noise, train_base=settings.train_base)
     args = AmoebaTrainingArguments(
         output_dir=str(work_dir),
         max_steps=settings.steps,
