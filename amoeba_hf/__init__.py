@@ -16,6 +16,7 @@ AmoebaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 __version__ = "0.1.0"
 
 __all__ = [
+    "SUPPORTED_SOURCE_TYPES",
     "AmoebaConfig",
     "AmoebaForCausalLM",
     "AmoebaModel",
@@ -23,5 +24,4 @@ __all__ = [
     "LayerWidth",
     "Shape",
     "ShapeSpace",
-    "SUPPORTED_SOURCE_TYPES",
 ]

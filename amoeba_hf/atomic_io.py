@@ -38,6 +38,7 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
 def write_text_atomically(path: str | os.PathLike, text: str) -> None:
     """Write a text file through a temporary sibling and a rename: readers see the old file or the new one."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     umask = os.umask(0)
     os.umask(umask)

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from datasets import load_dataset
 from transformers import PreTrainedTokenizerBase
+
+from .training_data import load_records
 
 ANSWER_LETTERS = ("A", "B", "C", "D")
 
@@ -24,23 +25,6 @@ class MultipleChoiceBatch:
     last_index: torch.Tensor
     letter_ids: torch.Tensor
     answers: torch.Tensor
-
-
-def _load_records(path: str | Path, fields: tuple[str, ...]) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"calibration file {path} does not exist")
-    builder = "text" if path.suffix == ".txt" else "json"
-    try:
-        dataset = load_dataset(builder, data_files=str(path), split="train")
-    except Exception as error:
-        raise ValueError(f"cannot read calibration file {path} as {builder}: {error}") from error
-    if len(dataset) == 0:
-        raise ValueError(f"calibration file {path} is empty")
-    missing = [f for f in fields if f not in dataset.column_names]
-    if missing:
-        raise ValueError(f"calibration file {path} lacks field(s) {missing}; it has {dataset.column_names}")
-    return dataset.to_list()
 
 
 def _record_text(record: dict) -> str:
@@ -60,7 +44,7 @@ def text_blocks(
     """
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
-    records = _load_records(path, ())
+    records = load_records(path, (), "calibration file").to_list()
     columns = sorted(records[0])
     if "text" not in columns and not {"instruction", "output"} <= set(columns):
         raise ValueError(
@@ -85,7 +69,7 @@ def multiple_choice_prompts(
     path: str | Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, seed: int = 0
 ) -> MultipleChoiceBatch:
     """`num_samples` MMLU-style prompts (`input` ending in "Answer:", `output` a letter A-D), seeded selection."""
-    records = _load_records(path, ("input", "output"))
+    records = load_records(path, ("input", "output"), "calibration file").to_list()
     bad = [r["output"] for r in records if str(r["output"]).strip() not in ANSWER_LETTERS]
     if bad:
         raise ValueError(f"{path}: every `output` must be one of {ANSWER_LETTERS}, found {bad[0]!r}")

@@ -119,4 +119,4 @@ class AmoebaConfig(LlamaConfig):
                 raise ValueError(f"{name} must have one entry per layer ({num_layers}), got {len(sizes)}")
 
 
-__all__ = ["AmoebaConfig", "SUPPORTED_SOURCE_TYPES"]
+__all__ = ["SUPPORTED_SOURCE_TYPES", "AmoebaConfig"]

@@ -168,4 +168,4 @@ class ShapeSpace:
         return [(d, w) for d in self.depths for w in self.width_grid]
 
 
-__all__ = ["LayerWidth", "ShapeSpace", "GlobalWidthAllocator", "default_depth_table", "uniform_layer_width"]
+__all__ = ["GlobalWidthAllocator", "LayerWidth", "ShapeSpace", "default_depth_table", "uniform_layer_width"]

@@ -158,14 +158,14 @@ def build_subnet(model: PreTrainedModel, amoeba_class: type) -> PreTrainedModel:
         if len(set(sizes)) != 1:
             raise ValueError("layers have different widths")
         target_config = _family_config(config, depth, sizes[0], attention_out_bias, mlp_out_bias)
-        build = lambda: AutoModelForCausalLM.from_config(target_config, dtype=model.dtype)  # noqa: E731
+        build = lambda: AutoModelForCausalLM.from_config(target_config, dtype=model.dtype)
     except ValueError as reason:
         logger.warning(
             f"Shape {tuple(model.shape)} is not expressible as a stock {config.source_model_type} config ({reason}); "
             "exporting a static, physically sliced AmoebaForCausalLM instead."
         )
         target_config = _static_config(config, sizes, attention_out_bias, mlp_out_bias)
-        build = lambda: amoeba_class(target_config).to(model.dtype)  # noqa: E731
+        build = lambda: amoeba_class(target_config).to(model.dtype)
     with init.no_init_weights():
         target = build()
     source = _active_tensors(model)

@@ -19,7 +19,7 @@ INSTRUCTION_FIELDS = ("instruction", "output")
 TEXT_FIELDS = ("text",)
 
 
-def _check_json(path: Path) -> None:
+def _check_json(path: Path, label: str) -> None:
     """Parse JSON or JSON Lines with the standard library first: its error names the line, the `datasets` one does not."""
     text = path.read_text(encoding="utf-8", errors="replace")
     try:
@@ -29,12 +29,12 @@ def _check_json(path: Path) -> None:
         whole_file_error = error
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if len(lines) <= 1:
-        raise ValueError(f"training data {path} is not valid JSON: {whole_file_error}")
+        raise ValueError(f"{label} {path} is not valid JSON: {whole_file_error}")
     for number, line in lines:
         try:
             json.loads(line)
         except json.JSONDecodeError as error:
-            raise ValueError(f"training data {path} is neither JSON nor JSON Lines: line {number}: {error}") from None
+            raise ValueError(f"{label} {path} is neither JSON nor JSON Lines: line {number}: {error}") from None
 
 
 @contextmanager
@@ -49,24 +49,27 @@ def _without_progress_bars() -> Iterator[None]:
             enable_progress_bars()
 
 
-def load_records(path: str | Path, fields: tuple[str, ...]) -> Dataset:
-    """The records of a `.txt` (one per line) or JSON/JSONL file, which must have `fields`; one-line errors."""
+def load_records(path: str | Path, fields: tuple[str, ...], label: str = "training data") -> Dataset:
+    """The records of a `.txt` (one per line) or JSON/JSONL file, which must have `fields`; one-line errors that
+    name the file as `label`."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training data {path} does not exist")
+        raise FileNotFoundError(f"{label} {path} does not exist")
+    if not path.read_text(encoding="utf-8", errors="replace").strip():
+        raise ValueError(f"{label} {path} is empty")
     builder = "text" if path.suffix == ".txt" else "json"
     if builder == "json":
-        _check_json(path)
+        _check_json(path, label)
     try:
         with _without_progress_bars():
             dataset = load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:
-        raise ValueError(f"cannot read training data {path} as {builder}: {error}") from error
+        raise ValueError(f"cannot read {label} {path} as {builder}: {error}") from error
     if len(dataset) == 0:
-        raise ValueError(f"training data {path} is empty")
+        raise ValueError(f"{label} {path} is empty")
     missing = [f for f in fields if f not in dataset.column_names]
     if missing:
-        raise ValueError(f"training data {path} lacks field(s) {missing}; it has {dataset.column_names}")
+        raise ValueError(f"{label} {path} lacks field(s) {missing}; it has {dataset.column_names}")
     return dataset
 
 

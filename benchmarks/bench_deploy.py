@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from bench_shapes import CACHE, pick_shapes
+from bench_shapes import load_model, pick_shapes
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.atomic_io import write_text_atomically
-from amoeba_hf.defaults import convert_source
 from amoeba_hf.eval_runner import shape_key
 from amoeba_hf.profiling import DeviceProfile, ProfileSettings, Runtime, profile_shapes, save_profile, time_set_shape
 
@@ -104,10 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    folder = Path(args.model) if args.model else CACHE / "smollm2-amoeba"
-    if not folder.exists():
-        convert_source(None).save_pretrained(folder)
-    model = AmoebaForCausalLM.from_pretrained(folder).eval()
+    folder, model = load_model(args.model)
     named_shapes = pick_shapes(model)
     shapes = [(depth, width) for _, depth, width in named_shapes]
     switches = time_set_shape(model, shapes)

@@ -18,12 +18,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
-from amoeba_hf.calibration_data import text_blocks  # noqa: E402
-from amoeba_hf.defaults import convert_source, load_tokenizer  # noqa: E402
-from amoeba_hf.depth_selection import (  # noqa: E402
+from amoeba_hf.calibration_data import text_blocks
+from amoeba_hf.defaults import convert_source, load_tokenizer
+from amoeba_hf.depth_selection import (
     LayerRunner,
     block_influence_table,
     dp_depth_table,
@@ -32,8 +32,8 @@ from amoeba_hf.depth_selection import (  # noqa: E402
     perplexity_score,
     removable_layers,
 )
-from amoeba_hf.evaluation import perplexity  # noqa: E402
-from amoeba_hf.width_selection import apply_width_order, collect_statistics, layer_scores  # noqa: E402
+from amoeba_hf.evaluation import perplexity
+from amoeba_hf.width_selection import apply_width_order, collect_statistics, layer_scores
 
 DEPTHS = (27, 24, 21, 18)
 WIDTHS = (0.875, 0.75, 0.625, 0.5)

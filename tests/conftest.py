@@ -160,3 +160,12 @@ def write_tiny_text(path: Path, documents: int = 40, words: int = 60, seed: int 
             text = " ".join(f"w{min(96, 3 + int(rng.expovariate(0.08)))}" for _ in range(words))
             handle.write(json.dumps({"text": text}) + "\n")
     return path
+
+
+@pytest.fixture
+def one_thread():
+    """One thread: tiny models are dominated by thread synchronisation, and a shared 2-core CPU stays stable."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,9 +6,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
 
 from amoeba_hf.cli import main
-from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from conftest import tiny_source, tiny_tokenizer, write_tiny_text
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.calibrate import CalibrationSettings, calibrate
 from amoeba_hf.calibration_data import text_blocks
 from amoeba_hf.depth_selection import LayerRunner, dp_depth_table, perplexity_score, removable_layers
 from amoeba_hf.width_selection import ChannelStatistics, apply_width_order, collect_statistics, layer_scores
-from conftest import tiny_source, tiny_tokenizer, write_tiny_text
 
 
 def tiny_amoeba(num_layers: int = 6, min_depth: int = 3):
@@ -188,10 +188,10 @@ def test_interrupted_calibration_resumes_to_the_same_result(tmp_path, monkeypatc
 @pytest.mark.parametrize(
     "content, overrides, message",
     [
-        ("", {}, "empty|cannot read"),
+        ("", {}, "calibration file .* is empty"),
         ('{"text": "w3 w4 w5"}\n', {}, "need"),
         ('{"body": "w3 w4"}\n', {}, "lacks field"),
-        ('{"text": "w3 w4"\n', {}, "cannot read"),
+        ('{"text": "w3 w4"\n', {}, "calibration file .* is not valid JSON"),
         (None, {"min_depth": 0}, "min_depth must be in"),
         (None, {"min_depth": 9}, "min_depth must be in"),
         (None, {"widths": [1.0, 1.5]}, "outside"),

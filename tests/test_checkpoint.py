@@ -5,11 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_without_amoeba_hf, tiny_source
+from test_shapes_tiny import DEPTH_TABLE
 from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM
-from conftest import run_without_amoeba_hf, tiny_source
-from test_shapes_tiny import DEPTH_TABLE
 
 SHAPES = [(6, 1.0), (4, 0.75), (3, 0.5)]
 IDS = [[5, 17, 33, 8, 91, 4, 60, 22], [9, 9, 41, 3, 77, 12, 50, 6]]

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_source, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM, profiling
@@ -33,7 +34,6 @@ from amoeba_hf.profiling import (
     save_profile,
     weight_bytes,
 )
-from conftest import tiny_source, tiny_tokenizer
 
 SETTINGS = ProfileSettings(prompt_lengths=(8, 16), batch_sizes=(1, 2), new_tokens=4)
 SETTINGS_ARGS = ["--prompt-lengths", "8,16", "--batch-sizes", "1,2", "--new-tokens", "4", "--threads", "1"]
@@ -43,13 +43,7 @@ LATENCY = {(6, 1.0): 6.0, (6, 0.5): 5.8, (5, 1.0): 5.0, (5, 0.75): 4.5, (4, 1.0)
 PERPLEXITY = {(6, 1.0): 10.0, (6, 0.5): 11.0, (5, 1.0): 12.0, (5, 0.75): 30.0, (4, 1.0): 20.0, (3, 0.5): 50.0}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: fast and stable on a shared 2-core machine (and the runtime key the CLI tests ask for)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_source
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -20,7 +21,6 @@ from amoeba_hf.evaluation import (
     perplexity,
     score_task,
 )
-from conftest import tiny_source
 
 TEXT = (
     "The tiny model reads characters. It predicts the next one, badly, because its weights are random.\n"

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from amoeba_hf import AmoebaForCausalLM
 from conftest import pruned_reference, tiny_source
 from test_shapes_tiny import DEPTH_TABLE
+
+from amoeba_hf import AmoebaForCausalLM
 
 SHAPES = [(6, 1.0), (5, 1.0), (4, 0.7), (3, 0.5)]  # with DEPTH_TABLE, every depth below 6 drops layer 0
 

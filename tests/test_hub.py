@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_without_amoeba_hf, tiny_source
 from huggingface_hub import ModelCard
+from local_hub import READ_TOKEN, WRITE_TOKEN, LocalHub
+from test_shapes_tiny import DEPTH_TABLE
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.model_card import EVAL_FILE, REPO_ID_PLACEHOLDER, refresh_model_card
 from amoeba_hf.subnet_export import hub_model_id
-from conftest import run_without_amoeba_hf, tiny_source
-from local_hub import READ_TOKEN, WRITE_TOKEN, LocalHub
-from test_shapes_tiny import DEPTH_TABLE
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(6, 1.0), (4, 0.75), (3, 0.5)]

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from conftest import pruned_reference
 
 from amoeba_hf import AmoebaForCausalLM
-from conftest import pruned_reference
 
 pytestmark = pytest.mark.real_model
 

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import pruned_reference, tiny_source
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from amoeba_hf import AmoebaForCausalLM
-from conftest import pruned_reference, tiny_source
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 # (depth, width): full, depth only, width only, both, widths between grid points, and the smallest shape.

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_source
 from peft import LoraConfig, get_peft_model
 
 from amoeba_hf import AmoebaForCausalLM
-from conftest import tiny_source
 
 IDS = torch.tensor([[5, 17, 33, 8, 91, 4, 60, 22], [9, 9, 41, 3, 77, 12, 50, 6]])
 

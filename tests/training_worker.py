@@ -11,13 +11,13 @@ import sys
 import time
 
 import torch
+from conftest import tiny_source, tiny_tokenizer
 from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.finetune import FinetuneSettings, finetune
 from amoeba_hf.trainer import AmoebaTrainer, AmoebaTrainingArguments
-from conftest import tiny_source, tiny_tokenizer
 
 DDP_GLOBAL_BATCH = 4
 DDP_STEPS = 3
