@@ -31,7 +31,11 @@ FAULT_ENV = "AMOEBA_BUILD_FAULT"
 
 @dataclass
 class BuildPreset:
-    """Sizes of every step; `quick` fits ~15 minutes on 2 CPU cores for SmolLM2-135M."""
+    """Sizes of every step; `quick` fits ~15 minutes on 2 CPU cores for SmolLM2-135M.
+
+    Router noise is off: on budgets of hundreds of steps it scatters each shape's updates over random experts
+    (benchmarks/bench_oneforall.py); the paper's noise is for ~10K steps (`amoeba train` keeps it on).
+    """
 
     generated_tokens: int
     calibration_samples: int
@@ -43,6 +47,7 @@ class BuildPreset:
     max_prompt_tokens: int
     max_response_tokens: int
     experts: int = 5
+    router_noise: bool = False
     widths: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
     eval_tokens: int = 2048
 
@@ -93,7 +98,7 @@ class BuildLog:
 def eval_shapes(space) -> list[tuple[int, float]]:
     """Full shape plus three smaller ones spread over the shape space (about 85%, 70% and the smallest)."""
     depths = space.depths
-    pick = lambda fraction: min(depths, key=lambda d: abs(d - fraction * space.num_layers))  # noqa: E731
+    pick = lambda fraction: min(depths, key=lambda d: abs(d - fraction * space.num_layers))
     shapes = [(space.num_layers, 1.0), (pick(0.9), 0.875), (pick(0.75), 0.75), (min(depths), space.min_width)]
     return list(dict.fromkeys(shapes))
 
@@ -227,7 +232,8 @@ def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data
     finetune_settings = FinetuneSettings(
         data=train_files, steps=settings.steps, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
         max_prompt_tokens=settings.max_prompt_tokens, max_response_tokens=settings.max_response_tokens,
-        experts=settings.experts, save_steps=max(1, math.ceil(settings.steps / 4)), seed=seed,
+        experts=settings.experts, router_noise=settings.router_noise, distill_teacher="largest" if data else "base",
+        save_steps=max(1, math.ceil(settings.steps / 4)), seed=seed,
     )
     finetune(model_obj, tokenizer, finetune_settings, work / "train", callbacks=[_FaultCallback()])
     timings["train"] = time.perf_counter() - step

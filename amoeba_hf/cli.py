@@ -202,12 +202,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .defaults import load_or_convert
     from .finetune import FinetuneSettings, check_data, finetune
 
+    if args.no_distillation and args.teacher == "base":
+        raise UserError("--teacher base distils from the base model; it cannot be combined with --no-distillation")
     out = ensure_free_output_dir(args.out)
     settings = FinetuneSettings(
         data=args.data, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
         learning_rate=args.lr, max_prompt_tokens=args.max_prompt_tokens, max_response_tokens=args.max_response_tokens,
         experts=args.experts, top_k=args.top_k, rank=args.rank, random_shapes=args.random_shapes,
         widths=_parse_widths(args.widths) if args.widths else None, distillation=not args.no_distillation,
+        distill_teacher=args.teacher,
         loss_balancing=not args.no_balancing, router_noise=not args.no_router_noise, train_base=args.train_base,
         save_steps=args.save_steps, seed=args.seed,
     )
@@ -297,7 +300,13 @@ def _cmd_search(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from .deployment import (
-        FRONTIER_FILE, Budget, format_search, plot_search, quick_quality, search_checkpoint, stored_quality,
+        FRONTIER_FILE,
+        Budget,
+        format_search,
+        plot_search,
+        quick_quality,
+        search_checkpoint,
+        stored_quality,
     )
     from .eval_runner import parse_shapes
 
@@ -424,6 +433,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--random-shapes", type=int, default=2, help="random shapes per step besides largest/smallest")
     train.add_argument("--widths", default=None, help="widths to sample, e.g. 1,0.875,0.75 (default: uniform range)")
     train.add_argument("--no-distillation", action="store_true", help="train every shape on labels (ablation)")
+    train.add_argument("--teacher", choices=("largest", "base"), default="largest",
+                       help="distillation teacher: the largest shape, trained on labels (paper), or the frozen base "
+                            "model (for data the base model generated itself)")
     train.add_argument("--no-balancing", action="store_true", help="disable loss-magnitude balancing (ablation)")
     train.add_argument("--no-router-noise", action="store_true",
                        help="route without training noise (learns faster on short budgets, see docs/training.md)")

@@ -39,6 +39,7 @@ class ElasticLinear(nn.Linear):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.gates: torch.Tensor | None = None
+        self.experts_enabled = True
         self._mixed: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         if experts > 0:
             self.add_experts(experts, rank, alpha, dropout)
@@ -107,7 +108,7 @@ class ElasticLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         output = F.linear(input, self.active_weight(), self.active_bias())
-        if self.lora_A is None:
+        if self.lora_A is None or not self.experts_enabled:
             return output
         mixed_a, mixed_b = self.mixed_experts()
         return output + self.lora_scaling * F.linear(F.linear(self.lora_dropout(input), mixed_a), mixed_b)

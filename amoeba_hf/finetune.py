@@ -35,6 +35,7 @@ class FinetuneSettings:
     random_shapes: int = 2
     widths: list[float] | None = None
     distillation: bool = True
+    distill_teacher: str = "largest"
     loss_balancing: bool = True
     train_base: bool = False
     save_steps: int = 50
@@ -111,6 +112,7 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
         random_shapes=settings.random_shapes,
         shape_widths=settings.widths,
         distillation=settings.distillation,
+        distill_teacher=settings.distill_teacher,
         loss_balancing=settings.loss_balancing,
         shape_seed=settings.seed,
         dataloader_num_workers=0,

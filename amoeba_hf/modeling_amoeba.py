@@ -339,6 +339,18 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         finally:
             self.set_shape(*previous)
 
+    @contextmanager
+    def experts_disabled(self) -> Iterator["AmoebaForCausalLM"]:
+        """Run a block without the SMoL experts: the base model's function, e.g. as a frozen distillation teacher."""
+        linears = [module for module in self.modules() if isinstance(module, ElasticLinear)]
+        for linear in linears:
+            linear.experts_enabled = False
+        try:
+            yield self
+        finally:
+            for linear in linears:
+                linear.experts_enabled = True
+
     def export_subnet(self, depth: int | None = None, width: float | None = None) -> PreTrainedModel:
         """A physically smaller copy of one shape (default: the current one), independent of this model.
 
@@ -485,9 +497,9 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
 
 
 __all__ = [
+    "SUPPORTED_SOURCE_TYPES",
     "AmoebaForCausalLM",
     "AmoebaModel",
     "AmoebaPreTrainedModel",
     "Shape",
-    "SUPPORTED_SOURCE_TYPES",
 ]

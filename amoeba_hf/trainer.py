@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 from .training_data import IGNORE_INDEX
 
 DISTILL_LOSSES = ("soft_ce", "kl")
+TEACHERS = ("largest", "base")
 
 
 @dataclass
@@ -21,6 +22,10 @@ class AmoebaTrainingArguments(TrainingArguments):
     Every micro-batch trains the largest shape (cross-entropy on response tokens; its detached logits are the
     teacher), the smallest shape and `random_shapes` random ones (distilled from the teacher). With
     `loss_balancing`, each student loss is rescaled to the teacher loss's magnitude, L_i * sg(L_0) / sg(L_i).
+
+    `distill_teacher="base"` distils every shape, the largest included, from the full model without its experts
+    (the frozen base). Use it when the data was sampled from the base model itself: cross-entropy on a model's own
+    samples has an expected gradient of zero, so it only adds noise to the largest shape.
     """
 
     random_shapes: int = field(default=2, metadata={"help": "random shapes per micro-batch besides largest/smallest"})
@@ -28,6 +33,9 @@ class AmoebaTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "widths to sample from; None samples uniformly in [min_width, 1]"}
     )
     distillation: bool = field(default=True, metadata={"help": "distil students from the largest shape"})
+    distill_teacher: str = field(
+        default="largest", metadata={"help": "largest (paper, in-place) or base (the full model without experts)"}
+    )
     distill_loss: str = field(default="soft_ce", metadata={"help": "soft_ce (paper) or kl"})
     distill_temperature: float = field(default=1.0)
     distill_ce_weight: float = field(default=0.0, metadata={"help": "mix of label CE into student losses"})
@@ -38,6 +46,10 @@ class AmoebaTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.distill_loss not in DISTILL_LOSSES:
             raise ValueError(f"distill_loss must be one of {DISTILL_LOSSES}, got {self.distill_loss!r}")
+        if self.distill_teacher not in TEACHERS:
+            raise ValueError(f"distill_teacher must be one of {TEACHERS}, got {self.distill_teacher!r}")
+        if self.distill_teacher == "base" and not self.distillation:
+            raise ValueError("distill_teacher='base' needs distillation=True")
         if self.random_shapes < 0:
             raise ValueError(f"random_shapes must be >= 0, got {self.random_shapes}")
         if not 0.0 <= self.distill_ce_weight <= 1.0:
@@ -160,6 +172,10 @@ class AmoebaTrainer(Trainer):
         normaliser = self._normaliser(labels, num_items_in_batch)
         shapes = self.sample_shapes(amoeba)
         teacher, teacher_magnitude, total = None, None, 0.0
+        if self.args.distill_teacher == "base":
+            amoeba.set_shape(amoeba.shape_space.num_layers, 1.0)
+            with torch.no_grad(), amoeba.experts_disabled(), self.compute_loss_context_manager():
+                teacher = self._teacher_targets(amoeba(**forward_inputs, use_cache=False, logits_to_keep=mask).logits)
         try:
             for index, (role, shape) in enumerate(shapes):
                 amoeba.set_shape(*shape)
@@ -175,7 +191,7 @@ class AmoebaTrainer(Trainer):
                             teacher_magnitude = magnitude
                         else:
                             loss = loss * (teacher_magnitude / magnitude.clamp(min=1e-12))
-                    if index == 0 and self.args.distillation:
+                    if index == 0 and teacher is None and self.args.distillation:
                         teacher = self._teacher_targets(logits)
                     self.accelerator.backward(loss)
                     total += loss.detach()

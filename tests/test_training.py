@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
 from datasets import Dataset
+from training_worker import DDP_STEPS, run_ddp, run_finetune, smol_model
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.cli import main
 from amoeba_hf.trainer import AmoebaTrainer, AmoebaTrainingArguments, SoftCrossEntropy
-from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
-from training_worker import DDP_STEPS, run_ddp, run_finetune, smol_model
 
 TESTS = Path(__file__).resolve().parent
 WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}
@@ -30,13 +30,7 @@ ROWS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are dominated by thread synchronisation: on a shared CPU, one thread is an order faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def micro_batches() -> list[dict[str, torch.Tensor]]:
@@ -86,11 +80,13 @@ def train_one_step(model: AmoebaForCausalLM, tmp_path: Path, **recipe):
     return snapshot.gradients, backward_losses, shapes
 
 
-def reference_gradients(model, shapes, *, distillation: bool, balancing: bool, exact: bool) -> dict[str, torch.Tensor]:
+def reference_gradients(model, shapes, *, distillation: bool, balancing: bool, exact: bool,
+                        base_teacher=None) -> dict[str, torch.Tensor]:
     """The total loss written out from the formulas, one backward.
 
     Per micro-batch: CE of the largest shape on the response tokens; each other shape's soft cross-entropy against
     the largest shape's detached distribution (or CE without distillation), times sg(L_0)/sg(L_i) with balancing.
+    With `base_teacher` (a plain model), every shape, the largest included, is distilled from its distribution.
     Token sums are divided by the response-token count of the whole accumulated batch (`exact`), or naively by the
     micro-batch's own count times the number of micro-batches.
     """
@@ -103,17 +99,23 @@ def reference_gradients(model, shapes, *, distillation: bool, balancing: bool, e
         mask = targets.ne(-100)
         count = total_tokens if exact else int(mask.sum()) * len(batches)
         teacher_probs, teacher_loss = None, None
+        if base_teacher is not None:
+            with torch.no_grad():
+                base_logits = base_teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            teacher_probs = torch.softmax(base_logits[:, :-1], dim=-1)
         for index, shape in enumerate(sandwich):
             model.set_shape(*shape)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
             log_probs = torch.log_softmax(logits, dim=-1)
-            if index == 0 or not distillation:
+            if teacher_probs is None or not distillation:
                 token_losses = -log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
             else:
                 token_losses = -(teacher_probs * log_probs).sum(-1)
             loss = (token_losses * mask).sum() / count
             if index == 0:
-                teacher_probs, teacher_loss = torch.softmax(logits.detach(), dim=-1), loss.detach()
+                teacher_loss = loss.detach()
+                if teacher_probs is None:
+                    teacher_probs = torch.softmax(logits.detach(), dim=-1)
             elif balancing:
                 loss = loss * teacher_loss / loss.detach()
             total = total + loss
@@ -140,10 +142,12 @@ def test_every_balanced_loss_equals_the_largest_shapes_loss(tmp_path):
 
 @pytest.mark.parametrize(
     "recipe",
-    [{}, {"loss_balancing": False}, {"distillation": False}, {"distill_loss": "kl", "loss_balancing": False}],
-    ids=["distill+balance", "no-balancing", "ce-only", "kl-no-balancing"],
+    [{}, {"loss_balancing": False}, {"distillation": False}, {"distill_loss": "kl", "loss_balancing": False},
+     {"distill_teacher": "base"}],
+    ids=["distill+balance", "no-balancing", "ce-only", "kl-no-balancing", "base-teacher"],
 )
 def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, recipe):
+    """The base teacher's reference is the plain Llama the model was converted from, before any experts."""
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3).enable_smol(
         experts=3, top_k=2, rank=4, router_noise=False
     )
@@ -156,6 +160,9 @@ def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, reci
     gradients, _, shapes = train_one_step(model, tmp_path, random_shapes=2, **recipe)
     assert all(s[0] == (6, 1.0) and s[1] == (3, 0.5) for s in shapes)
     options = {"distillation": recipe.get("distillation", True), "balancing": recipe.get("loss_balancing", True)}
+    if recipe.get("distill_teacher") == "base":
+        options["base_teacher"] = tiny_source("llama").eval()
+        in_place = reference_gradients(initial, shapes, exact=True, distillation=True, balancing=True)
     exact = reference_gradients(initial, shapes, exact=True, **options)
     assert any("shape_router" in n for n in exact) and any("lora_A" in n for n in exact)
     scale = max(g.abs().max().item() for g in exact.values())
@@ -163,6 +170,8 @@ def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, reci
 
     naive = reference_gradients(initial, shapes, exact=False, **options)
     assert largest_difference(gradients, naive) >= 1e-2 * scale
+    if "base_teacher" in options:
+        assert largest_difference(gradients, in_place) >= 1e-2 * scale
 
 
 def test_closed_form_soft_cross_entropy_equals_autograd():
