@@ -31,7 +31,7 @@ FAULT_ENV = "AMOEBA_BUILD_FAULT"
 
 @dataclass
 class BuildPreset:
-    """Sizes of every step; `quick` fits ~15 minutes on 2 CPU cores for SmolLM2-135M.
+    """Sizes of every step, for SmolLM2-135M on 2 CPU cores: `quick` fits 15 minutes, `standard` 90.
 
     Router noise is off: on budgets of hundreds of steps it scatters each shape's updates over random experts
     (benchmarks/bench_oneforall.py); the paper's noise is for ~10K steps (`amoeba train` keeps it on).
@@ -54,7 +54,7 @@ class BuildPreset:
 
 PRESETS = {
     "quick": BuildPreset(96, 8, 128, "block-influence", 40, 2, 1, 160, 96),
-    "standard": BuildPreset(160, 16, 256, "dp", 300, 2, 4, 256, 160, eval_tokens=8192),
+    "standard": BuildPreset(192, 8, 128, "dp", 150, 2, 2, 256, 192, eval_tokens=8192),
 }
 
 

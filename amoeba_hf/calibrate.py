@@ -42,7 +42,7 @@ class CalibrationSettings:
     keep_first: bool = False
     depth_method: str = "dp"
     width_method: str = "flap"
-    width_mode: str = "global"
+    width_mode: str = "uniform"
     bias_compensation: bool = True
     widths: list[float] | None = None
     seed: int = 0

@@ -409,9 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--keep-first", action="store_true", help="never remove the first layer")
     calibrate.add_argument("--depth-method", default="dp", choices=["dp", "block-influence", "drop-last"])
     calibrate.add_argument("--width-method", default="flap", choices=["flap", "magnitude", "wanda-sp", "random"])
-    calibrate.add_argument("--width-mode", default="global", choices=["global", "uniform"],
-                           help="global: one importance threshold over all layers; uniform: same fraction per layer "
-                           "(exports to plain Llama)")
+    calibrate.add_argument("--width-mode", default="uniform", choices=["global", "uniform"],
+                           help="uniform (default): same fraction per layer, exports to plain Llama; global: one "
+                           "importance threshold over all layers (worse on SmolLM2-135M, see docs/benchmarks.md)")
     calibrate.add_argument("--no-bias-compensation", action="store_true", help="do not add pruned channels' mean")
     calibrate.add_argument("--seed", type=int, default=0)
 
