@@ -411,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--width-method", default="flap", choices=["flap", "magnitude", "wanda-sp", "random"])
     calibrate.add_argument("--width-mode", default="uniform", choices=["global", "uniform"],
                            help="uniform (default): same fraction per layer, exports to plain Llama; global: one "
-                           "importance threshold over all layers (worse on SmolLM2-135M, see docs/benchmarks.md)")
+                           "importance threshold over all layers (worse at 3 of 4 widths on SmolLM2-135M)")
     calibrate.add_argument("--no-bias-compensation", action="store_true", help="do not add pruned channels' mean")
     calibrate.add_argument("--seed", type=int, default=0)
 

@@ -14,6 +14,9 @@ Evaluation: perplexity on the first `--eval-tokens` tokens of WikiText-2 *test*,
 `--window` (`amoeba_hf.evaluation.perplexity`). Shapes: for `--shapes` parameter ratios evenly spaced from 1 to
 `--min-ratio`, the grid shape (calibrated depths x width grid) nearest to each.
 
+Zero-shot: accuracy on seeded subsets of HellaSwag, ARC-Easy and PIQA (`--zero-shot-limit` items each, lm-eval's
+prompts via `amoeba_hf.evaluation`) at the full shape and the per-shape baselines' shapes, for every method.
+
 Resumable: trainings checkpoint every `--save-steps` and resume; trained adapters are kept; every finished
 perplexity is written to the results JSON at once and skipped on a re-run.
 
@@ -39,7 +42,7 @@ from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, Trainin
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.configuration_amoeba import SMOL_TARGETS
 from amoeba_hf.eval_tasks import load_task
-from amoeba_hf.evaluation import encode_task, perplexity
+from amoeba_hf.evaluation import encode_task, perplexity, score_task
 from amoeba_hf.finetune import FinetuneSettings, build_dataset, finetune, last_complete_checkpoint
 
 ABLATIONS = {
@@ -50,6 +53,7 @@ ABLATIONS = {
     "no_router_noise": {"router_noise": False},
 }
 BASELINE_RATIOS = (0.80, 0.65, 0.50)
+ZERO_SHOT_TASKS = ("hellaswag", "arc_easy", "piqa")
 LABELS = {
     "no_finetune": "no fine-tuning (Stage 1 only)",
     "one_for_all": "one-for-all (full method)",
@@ -157,6 +161,23 @@ def evaluate(model, key: str, shape: dict, token_ids: torch.Tensor, args, result
     print(f"{key}: ppl {score['ppl']:.2f} ({time.time() - start:.0f} s)", flush=True)
 
 
+def zero_shot_shapes(shapes: list[dict]) -> list[dict]:
+    """The full shape and the shapes of the per-shape baselines: where every method can be compared."""
+    return [shapes[0], *(min(shapes, key=lambda s: abs(s["ratio"] - target)) for target in BASELINE_RATIOS)]
+
+
+def evaluate_zero_shot(model, key: str, shape: dict, tasks: dict, results: dict, out: Path) -> None:
+    """Accuracy on each zero-shot task subset (`acc`, lm-eval's prompts) and their mean, saved at once."""
+    zero_shot = results.setdefault("zero_shot", {})
+    if key in zero_shot:
+        return
+    start = time.time()
+    scores = {name: score_task(model, encoded, batch_size=8)["acc"] for name, encoded in tasks.items()}
+    zero_shot[key] = {**shape, **scores, "average": statistics.mean(scores.values()), "seconds": time.time() - start}
+    save_json(out, results)
+    print(f"{key}: zero-shot average {zero_shot[key]['average']:.3f} ({time.time() - start:.0f} s)", flush=True)
+
+
 def summary(results: dict) -> tuple[str, dict]:
     """The table (shapes x methods, then the mean and the geometric mean over shapes) and the goals."""
     rows, shapes = results["rows"], results["shapes"]
@@ -191,6 +212,16 @@ def summary(results: dict) -> tuple[str, dict]:
         for key, value in baselines.items():
             gap = ofa[key] / value - 1
             goals[f"within 5% of the per-shape baseline at {key} ({gap:+.1%})"] = gap <= 0.05
+    zero_shot = results.get("zero_shot", {})
+    if zero_shot:
+        columns = [*methods, "per_shape"]
+        lines.append("zero-shot average accuracy (HellaSwag, ARC-Easy, PIQA subsets)")
+        lines.append(f"{'shape':>8} {'params':>7} " + " ".join(f"{m:>15}" for m in columns))
+        for shape in zero_shot_shapes(shapes):
+            key = shape_key(shape)
+            cells = [f"{zero_shot[f'{m}@{key}']['average']:>15.3f}" if f"{m}@{key}" in zero_shot else f"{'-':>15}"
+                     for m in columns]
+            lines.append(f"{key:>8} {shape['ratio']:>7.1%} " + " ".join(cells))
     lines += [f"goal: {name}: {'met' if met else 'MISSED'}" for name, met in goals.items()]
     return "\n".join(lines), goals
 
@@ -237,6 +268,8 @@ def main() -> None:
     parser.add_argument("--min-ratio", type=float, default=0.5)
     parser.add_argument("--methods", default=",".join(["no_finetune", *ABLATIONS, "per_shape"]))
     parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--zero-shot-limit", type=int, default=50,
+                        help="items per zero-shot task (HellaSwag, ARC-Easy, PIQA; seeded subsets); 0 skips them")
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--eval-batch-size", type=int, default=4)
     parser.add_argument("--save-steps", type=int, default=10)
@@ -258,7 +291,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     stage1 = AmoebaForCausalLM.from_pretrained(args.model).eval()
     shapes = evaluation_shapes(stage1, args.shapes, args.min_ratio)
-    run_settings = {**asdict(settings), "eval_tokens": args.eval_tokens, "window": args.window, "model": args.model}
+    run_settings = {**asdict(settings), "eval_tokens": args.eval_tokens, "window": args.window, "model": args.model,
+                    "zero_shot_limit": args.zero_shot_limit}
     results = json.loads(out.read_text()) if out.exists() else {"rows": {}, "training": {}}
     saved = results.get("settings", run_settings)
     if any(saved.get(key, value) != value for key, value in run_settings.items()):
@@ -268,28 +302,42 @@ def main() -> None:
     token_ids = encode_task(load_task("wikitext2", data_dir), tokenizer, ppl_window=args.window,
                             ppl_tokens=args.eval_tokens).token_ids
     methods = args.methods.split(",")
+    tasks = {name: encode_task(load_task(name, data_dir, limit=args.zero_shot_limit), tokenizer)
+             for name in ZERO_SHOT_TASKS} if args.zero_shot_limit else {}
+    scored = zero_shot_shapes(shapes) if tasks else []
     started = time.time()
 
-    if "no_finetune" in methods:
-        for shape in shapes:
-            stage1.set_shape(shape["depth"], shape["width"])
-            evaluate(stage1, f"no_finetune@{shape_key(shape)}", shape, token_ids, args, results, out)
-    del stage1
-    for method, recipe in ABLATIONS.items():
-        if method not in methods or all(f"{method}@{shape_key(s)}" in results["rows"] for s in shapes):
-            continue
-        model = one_for_all_model(args, method, replace(settings, **recipe), tokenizer, work, results, out)
+    def done(method: str) -> bool:
+        return (all(f"{method}@{shape_key(s)}" in results["rows"] for s in shapes)
+                and all(f"{method}@{shape_key(s)}" in results.get("zero_shot", {}) for s in scored))
+
+    def evaluate_all(model, method: str) -> None:
         for shape in shapes:
             model.set_shape(shape["depth"], shape["width"])
             evaluate(model, f"{method}@{shape_key(shape)}", shape, token_ids, args, results, out)
+        for shape in scored:
+            model.set_shape(shape["depth"], shape["width"])
+            evaluate_zero_shot(model, f"{method}@{shape_key(shape)}", shape, tasks, results, out)
+
+    if "no_finetune" in methods:
+        evaluate_all(stage1, "no_finetune")
+    del stage1
+    for method, recipe in ABLATIONS.items():
+        if method not in methods or done(method):
+            continue
+        model = one_for_all_model(args, method, replace(settings, **recipe), tokenizer, work, results, out)
+        evaluate_all(model, method)
         del model
     if "per_shape" in methods:
         for target in BASELINE_RATIOS:
             shape = min(shapes, key=lambda s: abs(s["ratio"] - target))
-            if f"per_shape@{shape_key(shape)}" in results["rows"]:
+            key = f"per_shape@{shape_key(shape)}"
+            if key in results["rows"] and (not tasks or key in results.get("zero_shot", {})):
                 continue
             model = per_shape_model(args, shape, replace(settings, experts=1), tokenizer, work, results, out)
-            evaluate(model, f"per_shape@{shape_key(shape)}", shape, token_ids, args, results, out)
+            evaluate(model, key, shape, token_ids, args, results, out)
+            if tasks:
+                evaluate_zero_shot(model, key, shape, tasks, results, out)
             del model
 
     text, goals = summary(results)
