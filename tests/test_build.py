@@ -1,6 +1,7 @@
 """`amoeba build` end to end on a tiny model: completes, resumes after SIGINT/SIGKILL in every stage, bad input."""
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -28,7 +29,15 @@ def run_build(source: Path, out: Path, fault: str | None = None) -> subprocess.C
     env = {k: v for k, v in os.environ.items() if k != "AMOEBA_BUILD_FAULT"}
     if fault:
         env["AMOEBA_BUILD_FAULT"] = fault
-    return subprocess.run(build_command(source, out), env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run(build_command(source, out), check=False, env=env, capture_output=True, text=True,
+                          timeout=900,
+                          preexec_fn=_default_sigint)
+
+
+def _default_sigint() -> None:
+    """A suite started in the background (`cmd &`) ignores SIGINT, and children inherit that; the SIGINT faults
+    need Python's KeyboardInterrupt, which it installs only when SIGINT is not ignored at start."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @pytest.fixture(scope="module")
