@@ -30,8 +30,7 @@ def run_build(source: Path, out: Path, fault: str | None = None) -> subprocess.C
     if fault:
         env["AMOEBA_BUILD_FAULT"] = fault
     return subprocess.run(build_command(source, out), check=False, env=env, capture_output=True, text=True,
-                          timeout=900,
-                          preexec_fn=_default_sigint)
+                          timeout=900, preexec_fn=_default_sigint)
 
 
 def _default_sigint() -> None:
