@@ -75,10 +75,9 @@ def run_dp(model, blocks: torch.Tensor, scan: list[int], max_removed: int, score
             "seconds": time.perf_counter() - start}
 
 
-def depth_tables(model, blocks: torch.Tensor, timing_blocks: torch.Tensor, extra_blocks: dict[int, torch.Tensor],
-                 min_depth: int, results: dict, out: Path, chunk: int) -> dict:
-    """Tables of every depth method. The DP's prefix cache is timed against the naive DP on `timing_blocks`;
-    `extra_blocks` (count -> blocks) adds DP-ppl runs on more calibration blocks, to see the DP's overfitting."""
+def depth_tables(model, blocks: torch.Tensor, timing_blocks: torch.Tensor, min_depth: int, results: dict, out: Path,
+                 chunk: int) -> dict:
+    """Tables of every depth method. The DP's prefix cache is timed against the naive DP on `timing_blocks`."""
     num_layers = model.config.num_hidden_layers
     scan = removable_layers(num_layers, keep_last=1)
     max_removed = num_layers - min_depth
@@ -87,8 +86,7 @@ def depth_tables(model, blocks: torch.Tensor, timing_blocks: torch.Tensor, extra
     runner.cache_layer_inputs()
     tables["ShortGPT-BI"] = block_influence_table(runner, scan, max_removed)
     runs = (("DP-ppl", "ppl", True, blocks), ("DP-kl", "kl", True, blocks),
-            ("timing: DP-ppl cached", "ppl", True, timing_blocks), ("timing: DP-ppl naive", "ppl", False, timing_blocks),
-            *((f"DP-ppl, {count} blocks", "ppl", True, extra) for count, extra in extra_blocks.items()))
+            ("timing: DP-ppl cached", "ppl", True, timing_blocks), ("timing: DP-ppl naive", "ppl", False, timing_blocks))
     for name, score_name, cached, data in runs:
         if name not in results["dp"]:
             results["dp"][name] = run_dp(model, data, scan, max_removed, score_name, cached, chunk)
@@ -125,7 +123,6 @@ def main() -> None:
     parser.add_argument("--calibration", default="calibration/c4_demo.jsonl")
     parser.add_argument("--samples", type=int, default=8, help="DP calibration blocks")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per DP calibration block")
-    parser.add_argument("--more-dp-samples", default="", help="comma-separated block counts for extra DP-ppl runs")
     parser.add_argument("--timing-samples", type=int, default=2, help="blocks of 64 tokens for cached-vs-naive timing")
     parser.add_argument("--width-samples", type=int, default=16, help="blocks of 256 tokens for width statistics")
     parser.add_argument("--eval-tokens", type=int, default=32768)
@@ -164,9 +161,17 @@ def main() -> None:
 
     blocks = text_blocks(calibration, tokenizer, args.samples, args.seq_len)
     timing_blocks = text_blocks(calibration, tokenizer, args.timing_samples, 64)
-    extra_blocks = {int(count): text_blocks(calibration, tokenizer, int(count), args.seq_len)
-                    for count in args.more_dp_samples.split(",") if count}
-    tables = depth_tables(model, blocks, timing_blocks, extra_blocks, min(DEPTHS), results, out, chunk=4)
+    tables = depth_tables(model, blocks, timing_blocks, min(DEPTHS), results, out, chunk=4)
+    # Perplexity of each depth table on the DP's calibration blocks: how well a method fits what it saw.
+    calibration_ppl = results.setdefault("calibration_ppl", {})
+    if any(method not in calibration_ppl for method in tables):
+        runner = LayerRunner(model, blocks, chunk_size=4)
+        score = perplexity_score(runner, blocks, 4)
+        for method, table in tables.items():
+            kept = {int(depth): layers for depth, layers in table.items()}
+            calibration_ppl[method] = {str(d): score(runner.final_states(frozenset(range(30)) - set(kept[d])))
+                                       for d in DEPTHS}
+        save_results(out, results)
     for method, table in tables.items():
         model.config.depth_table = table
         model.model.reset_shape_space()
@@ -197,6 +202,9 @@ def main() -> None:
             print(f"{method:<28}" + "".join(f"{c['ppl']:>10.2f}" if c else f"{'-':>10}" for c in cells))
     for name, dp in results["dp"].items():
         print(f"{name}: {dp['evaluations']} evaluations, {dp['layer_forwards']} layer-forwards, {dp['seconds']:.0f} s")
+    print(f"\nperplexity on the DP's {args.samples} calibration blocks (what the DP-ppl optimises)")
+    for method, values in results["calibration_ppl"].items():
+        print(f"{method:<28}" + "".join(f"{values[str(d)]:>10.2f}" for d in DEPTHS))
     plot(results, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
 
