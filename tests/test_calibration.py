@@ -96,12 +96,18 @@ def test_permutation_keeps_full_model_and_widths_are_nested(tmp_path, width_mode
         previous = sizes
 
 
-def test_global_allocation_prefers_important_layers_and_meets_the_budget(tmp_path):
+def flap_ordered_tiny_amoeba(tmp_path, width_mode: str, bias_compensation: bool):
+    """A tiny model permuted by FLAP importance on the tiny calibration text, and that text."""
     model = tiny_amoeba()
     ids = calibration_ids(tmp_path)
     stats = collect_statistics(model, ids, chunk_size=2, show_progress=False)
     groups, neurons = layer_scores(model, stats, "flap")
-    apply_width_order(model, groups, neurons, stats, "global", bias_compensation=False)
+    apply_width_order(model, groups, neurons, stats, width_mode, bias_compensation=bias_compensation)
+    return model, ids
+
+
+def test_global_allocation_prefers_important_layers_and_meets_the_budget(tmp_path):
+    model, _ = flap_ordered_tiny_amoeba(tmp_path, "global", bias_compensation=False)
     space = model.shape_space
     fixed = space.parameter_count(6, 1.0) - sum(p.numel() for p in model.model.layers.parameters()) + 6 * 2 * 96
     full = space.parameter_count(6, 1.0) - fixed
@@ -114,11 +120,7 @@ def test_global_allocation_prefers_important_layers_and_meets_the_budget(tmp_pat
 
 
 def test_bias_compensation_keeps_the_mean_output_of_a_pruned_layer(tmp_path):
-    model = tiny_amoeba()
-    ids = calibration_ids(tmp_path)
-    stats = collect_statistics(model, ids, chunk_size=2, show_progress=False)
-    groups, neurons = layer_scores(model, stats, "flap")
-    apply_width_order(model, groups, neurons, stats, "uniform", bias_compensation=True)
+    model, ids = flap_ordered_tiny_amoeba(tmp_path, "uniform", bias_compensation=True)
     inputs = {}
     for kind, linear in (("mlp", model.model.layers[2].mlp.down_proj), ("attention", model.model.layers[2].self_attn.o_proj)):
         hook = linear.register_forward_pre_hook(lambda _m, args, k=kind: inputs.setdefault(k, []).append(args[0]))
