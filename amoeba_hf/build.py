@@ -54,7 +54,7 @@ class BuildPreset:
 
 PRESETS = {
     "quick": BuildPreset(96, 8, 128, "block-influence", 40, 2, 1, 160, 96),
-    "standard": BuildPreset(192, 8, 128, "dp", 150, 2, 2, 256, 192, eval_tokens=8192),
+    "standard": BuildPreset(192, 8, 128, "dp", 50, 2, 2, 256, 192, eval_tokens=8192),
 }
 
 
