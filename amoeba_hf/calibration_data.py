@@ -44,13 +44,13 @@ def text_blocks(
     """
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
-    records = load_records(path, (), "calibration file").to_list()
-    columns = sorted(records[0])
+    dataset = load_records(path, (), "calibration file")
+    columns = dataset.column_names
     if "text" not in columns and not {"instruction", "output"} <= set(columns):
         raise ValueError(
             f"calibration file {path} lacks field(s) ['text'] (or Alpaca 'instruction'/'output'); it has {columns}"
         )
-    documents = [text for text in (_record_text(r) for r in records) if text and text.strip()]
+    documents = [text for text in (_record_text(r) for r in dataset) if text and text.strip()]
     if not documents:
         raise ValueError(f"calibration file {path} has no non-empty text")
     random.Random(seed).shuffle(documents)

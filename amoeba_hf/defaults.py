@@ -93,4 +93,6 @@ def load_or_convert(model: str | None, **shape_kwargs) -> tuple[AmoebaForCausalL
         if model is None or Path(model).exists():
             raise
         reason = str(error).strip().splitlines()[0]
-        raise OSError(f"cannot load model {model!r}: it is not a local folder or .gguf file, and the Hub says: {reason}") from error
+        raise OSError(
+            f"cannot load model {model!r}: it is not a local folder or .gguf file, and the Hub says: {reason}"
+        ) from error

@@ -19,9 +19,8 @@ INSTRUCTION_FIELDS = ("instruction", "output")
 TEXT_FIELDS = ("text",)
 
 
-def _check_json(path: Path, label: str) -> None:
+def _check_json(text: str, path: Path, label: str) -> None:
     """Parse JSON or JSON Lines with the standard library first: its error names the line, the `datasets` one does not."""
-    text = path.read_text(encoding="utf-8", errors="replace")
     try:
         json.loads(text)
         return
@@ -55,11 +54,12 @@ def load_records(path: str | Path, fields: tuple[str, ...], label: str = "traini
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{label} {path} does not exist")
-    if not path.read_text(encoding="utf-8", errors="replace").strip():
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.strip():
         raise ValueError(f"{label} {path} is empty")
     builder = "text" if path.suffix == ".txt" else "json"
     if builder == "json":
-        _check_json(path, label)
+        _check_json(text, path, label)
     try:
         with _without_progress_bars():
             dataset = load_dataset(builder, data_files=str(path), split="train")

@@ -106,8 +106,8 @@ def one_for_all_model(args, method: str, settings: FinetuneSettings, tokenizer, 
         model.load_state_dict(state, strict=False)
         return model.eval()
     start = time.time()
-    trainer = finetune(model, tokenizer, settings, work / method / "checkpoints", include_num_input_tokens_seen="non_padding",
-                       disable_tqdm=True, use_cpu=True)
+    trainer = finetune(model, tokenizer, settings, work / method / "checkpoints",
+                       include_num_input_tokens_seen="non_padding", disable_tqdm=True, use_cpu=True)
     torch.save(trainable_state(model), adapter)
     results["training"][method] = training_record(trainer, time.time() - start)
     save_json(out, results)
@@ -132,7 +132,8 @@ def per_shape_model(args, shape: dict, settings: FinetuneSettings, tokenizer, wo
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=list(SMOL_TARGETS))
     model = get_peft_model(base, lora)
     training_args = TrainingArguments(
-        output_dir=str(folder / "checkpoints"), max_steps=settings.steps, per_device_train_batch_size=settings.batch_size,
+        output_dir=str(folder / "checkpoints"), max_steps=settings.steps,
+        per_device_train_batch_size=settings.batch_size,
         gradient_accumulation_steps=settings.grad_accum, learning_rate=settings.learning_rate,
         lr_scheduler_type="constant", max_grad_norm=settings.max_grad_norm, save_strategy="steps",
         save_steps=settings.save_steps, save_total_limit=2, logging_steps=max(1, min(10, settings.steps // 10)),
@@ -141,7 +142,8 @@ def per_shape_model(args, shape: dict, settings: FinetuneSettings, tokenizer, wo
     )
     trainer = Trainer(
         model=model, args=training_args, train_dataset=build_dataset(settings.data, tokenizer, settings),
-        processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
     )
     start = time.time()
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder / "checkpoints"))

@@ -169,8 +169,8 @@ def main() -> None:
         score = perplexity_score(runner, blocks, 4)
         for method, table in tables.items():
             kept = {int(depth): layers for depth, layers in table.items()}
-            calibration_ppl[method] = {str(d): score(runner.final_states(frozenset(range(30)) - set(kept[d])))
-                                       for d in DEPTHS}
+            every_layer = frozenset(range(model.config.num_hidden_layers))
+            calibration_ppl[method] = {str(d): score(runner.final_states(every_layer - set(kept[d]))) for d in DEPTHS}
         save_results(out, results)
     for method, table in tables.items():
         model.config.depth_table = table

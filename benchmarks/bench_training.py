@@ -164,8 +164,8 @@ def table(results: dict) -> str:
         for clock in CLOCKS:
             ratio = ratios[clock][ratio_names[config]]["median"] if config in ratio_names else 1.0
             cells.append(f"{seconds[clock][config]['median']:>6.2f} {ratio:>6.2f}")
-        peak = memory[config]["peak_rss_mib"]
-        lines.append(f"{names[config]:<30} {' '.join(cells)} {peak:>12.0f} {peak / memory['lora']['peak_rss_mib']:>6.2f}")
+        peak, lora_peak = memory[config]["peak_rss_mib"], memory["lora"]["peak_rss_mib"]
+        lines.append(f"{names[config]:<30} {' '.join(cells)} {peak:>12.0f} {peak / lora_peak:>6.2f}")
     lines.append("SMoL overhead vs E=1 (median of per-round ratios): "
                  + ", ".join(f"{ratios[clock]['smol_overhead']['median']:+.1%} {clock}" for clock in CLOCKS))
     for name, verdict in results["targets"].items():

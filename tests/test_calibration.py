@@ -149,8 +149,8 @@ def settings_for(path, **overrides) -> CalibrationSettings:
 def test_calibrate_writes_tables_into_a_loadable_checkpoint(tmp_path, score):
     model = tiny_amoeba()
     data = write_tiny_text(tmp_path / "calib.jsonl")
-    report = calibrate(model, tiny_tokenizer(), settings_for(data, score=score, widths=[1.0, 0.75, 0.6], width_mode="global"),
-                       show_progress=False)
+    settings = settings_for(data, score=score, widths=[1.0, 0.75, 0.6], width_mode="global")
+    report = calibrate(model, tiny_tokenizer(), settings, show_progress=False)
     assert report.evaluations == 3 * 4 // 2 + (5 - 3) * 3
     model.save_pretrained(tmp_path / "ckpt")
     loaded = AmoebaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
