@@ -202,8 +202,9 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from .defaults import load_or_convert
     from .finetune import FinetuneSettings, check_data, finetune
 
-    if args.no_distillation and args.teacher == "base":
-        raise UserError("--teacher base distils from the base model; it cannot be combined with --no-distillation")
+    if args.teacher == "base" and (args.no_distillation or args.train_base):
+        raise UserError("--teacher base distils from the frozen base model; it cannot be combined with "
+                        "--no-distillation or --train-base")
     out = ensure_free_output_dir(args.out)
     settings = FinetuneSettings(
         data=args.data, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
@@ -435,7 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-distillation", action="store_true", help="train every shape on labels (ablation)")
     train.add_argument("--teacher", choices=("largest", "base"), default="largest",
                        help="distillation teacher: the largest shape, trained on labels (paper), or the frozen base "
-                            "model (for data the base model generated itself)")
+                            "model, which then stays the full shape exactly (for data the base model generated itself)")
     train.add_argument("--no-balancing", action="store_true", help="disable loss-magnitude balancing (ablation)")
     train.add_argument("--no-router-noise", action="store_true",
                        help="route without training noise (learns faster on short budgets, see docs/training.md)")

@@ -28,7 +28,9 @@ class AmoebaConfig(LlamaConfig):
 
     `smol_experts > 0` adds the shape-aware mixture of LoRAs (SMoL): `smol_experts` LoRA experts of rank
     `smol_rank` on each of `smol_target_modules`, gated (top `smol_top_k`) by one router fed the shape.
-    `smol_experts=1` is plain LoRA shared by all shapes.
+    `smol_experts=1` is plain LoRA shared by all shapes. With `smol_exact_full_shape` the full shape (all layers,
+    width 1.0) runs without experts, so it is exactly the base model: set when every shape was distilled from the
+    base, whose full shape cannot do better than the base itself.
 
     `base_model` (a Hub id) and `base_model_license` record where the weights came from: the model card written
     by `save_pretrained` cites them, so they must survive any number of save/load round trips.
@@ -57,6 +59,7 @@ class AmoebaConfig(LlamaConfig):
     smol_target_modules: list[str] | None = None
     smol_router_hidden: int = 16
     smol_router_noise: bool = True
+    smol_exact_full_shape: bool = False
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

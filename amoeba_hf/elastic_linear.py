@@ -16,7 +16,8 @@ class ElasticLinear(nn.Linear):
 
     With `experts > 0` it also holds the SMoL LoRA experts `lora_A` (E x r x in) and `lora_B` (E x out x r). For
     gates g set by the model before each forward, the update is `s * (sum_e g_e B_e)(sum_e g_e A_e)` sliced to
-    the active width, i.e. one ordinary rank-r LoRA per shape.
+    the active width, i.e. one ordinary rank-r LoRA per shape. Gates of `None` mean no update (a shape that runs
+    the base weights only).
     """
 
     def __init__(
@@ -39,7 +40,6 @@ class ElasticLinear(nn.Linear):
         self.lora_A: nn.Parameter | None = None
         self.lora_B: nn.Parameter | None = None
         self.gates: torch.Tensor | None = None
-        self.experts_enabled = True
         self._mixed: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         if experts > 0:
             self.add_experts(experts, rank, alpha, dropout)
@@ -101,14 +101,14 @@ class ElasticLinear(nn.Linear):
 
     def merged_weight(self) -> torch.Tensor:
         """Active weight with the current shape's LoRA update merged in (for export)."""
-        if self.lora_A is None:
+        if self.lora_A is None or self.gates is None:
             return self.active_weight()
         mixed_a, mixed_b = self.mixed_experts()
         return self.active_weight() + self.lora_scaling * (mixed_b @ mixed_a)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         output = F.linear(input, self.active_weight(), self.active_bias())
-        if self.lora_A is None or not self.experts_enabled:
+        if self.lora_A is None or self.gates is None:
             return output
         mixed_a, mixed_b = self.mixed_experts()
         return output + self.lora_scaling * F.linear(F.linear(self.lora_dropout(input), mixed_a), mixed_b)

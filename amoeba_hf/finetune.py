@@ -93,7 +93,8 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
     if not model.config.smol_experts and settings.experts:
         set_seed(settings.seed)
         model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
-                          alpha=settings.alpha, router_noise=settings.router_noise, train_base=settings.train_base)
+                          alpha=settings.alpha, router_noise=settings.router_noise, train_base=settings.train_base,
+                          exact_full_shape=settings.distill_teacher == "base")
     args = AmoebaTrainingArguments(
         output_dir=str(work_dir),
         max_steps=settings.steps,

@@ -194,11 +194,21 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         self.shape_router = self._new_router(config).to(self.embed_tokens.weight.device)
         self.set_shape(*self._shape)
 
+    @property
+    def experts_active(self) -> bool:
+        """Whether the current shape uses the SMoL experts: not at the exact full shape (`smol_exact_full_shape`)."""
+        if self.shape_router is None:
+            return False
+        return not (self.config.smol_exact_full_shape and self._shape == Shape(self.config.num_hidden_layers, 1.0))
+
     def route(self, deterministic: bool = False) -> None:
         """Hand the current shape's expert gates to every active LoRA linear (noisy, with grad, in training)."""
         if self.shape_router is None:
             return
-        gates = self.shape_router.deterministic_gates() if deterministic else self.shape_router()
+        if not self.experts_active:
+            gates = None
+        else:
+            gates = self.shape_router.deterministic_gates() if deterministic else self.shape_router()
         for linear in self._expert_linears:
             linear.gates = gates
 
@@ -339,18 +349,6 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         finally:
             self.set_shape(*previous)
 
-    @contextmanager
-    def experts_disabled(self) -> Iterator["AmoebaForCausalLM"]:
-        """Run a block without the SMoL experts: the base model's function, e.g. as a frozen distillation teacher."""
-        linears = [module for module in self.modules() if isinstance(module, ElasticLinear)]
-        for linear in linears:
-            linear.experts_enabled = False
-        try:
-            yield self
-        finally:
-            for linear in linears:
-                linear.experts_enabled = True
-
     def export_subnet(self, depth: int | None = None, width: float | None = None) -> PreTrainedModel:
         """A physically smaller copy of one shape (default: the current one), independent of this model.
 
@@ -375,10 +373,12 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         router_hidden: int = 16,
         router_noise: bool = True,
         train_base: bool = False,
+        exact_full_shape: bool = False,
     ) -> "AmoebaForCausalLM":
         """Add the shape-aware mixture of LoRAs for one-for-all fine-tuning; `experts=1` is plain shared LoRA.
 
         Only the experts and the router are trainable unless `train_base`; the function is unchanged until trained.
+        `exact_full_shape` keeps the full shape expert-free, i.e. the base model (for distillation from the base).
         """
         if self.config.smol_experts:
             raise ValueError(f"SMoL is already enabled ({self.config.smol_experts} experts)")
@@ -386,6 +386,7 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         self.config.smol_alpha, self.config.smol_dropout = alpha, dropout
         self.config.smol_target_modules = list(target_modules or SMOL_TARGETS)
         self.config.smol_router_hidden, self.config.smol_router_noise = router_hidden, router_noise
+        self.config.smol_exact_full_shape = exact_full_shape
         self.config.validate_architecture()
         self.model.add_experts()
         for name, parameter in self.named_parameters():

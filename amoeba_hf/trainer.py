@@ -23,9 +23,11 @@ class AmoebaTrainingArguments(TrainingArguments):
     teacher), the smallest shape and `random_shapes` random ones (distilled from the teacher). With
     `loss_balancing`, each student loss is rescaled to the teacher loss's magnitude, L_i * sg(L_0) / sg(L_i).
 
-    `distill_teacher="base"` distils every shape, the largest included, from the full model without its experts
-    (the frozen base). Use it when the data was sampled from the base model itself: cross-entropy on a model's own
-    samples has an expected gradient of zero, so it only adds noise to the largest shape.
+    `distill_teacher="base"` distils every shape from the frozen base: the model must keep its full shape
+    expert-free (`enable_smol(exact_full_shape=True)`), so the full shape *is* the base, the teacher, and leaves the
+    sandwich; balancing rescales to the base's cross-entropy on the labels. Use it when the data was sampled from the
+    base model itself: there the base is already the best full shape (cross-entropy on a model's own samples has an
+    expected gradient of zero), and training the full shape could only make it drift.
     """
 
     random_shapes: int = field(default=2, metadata={"help": "random shapes per micro-batch besides largest/smallest"})
@@ -104,6 +106,8 @@ class AmoebaTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        if self.args.distill_teacher == "base":
+            self._check_base_teacher(self.accelerator.unwrap_model(self.model))
         self._shape_losses: dict[str, list[float]] = {}
         self._micro_step = (-1, 0)
 
@@ -113,13 +117,41 @@ class AmoebaTrainer(Trainer):
         self._micro_step = (self.state.global_step, micro + 1 if step == self.state.global_step else 0)
         rng = random.Random(f"{self.args.shape_seed}:{self._micro_step[0]}:{self._micro_step[1]}")
         space = model.shape_space
-        shapes = [("largest", (space.num_layers, 1.0)), ("smallest", (min(space.depths), space.min_width))]
+        full = (space.num_layers, 1.0)
+        shapes = [("largest", full), ("smallest", (min(space.depths), space.min_width))]
+        if self.args.distill_teacher == "base":
+            shapes = shapes[1:]
         for index in range(self.args.random_shapes):
-            depth = rng.choice(space.depths)
-            widths = self.args.shape_widths
-            width = rng.choice(widths) if widths else round(rng.uniform(space.min_width, 1.0), 4)
-            shapes.append((f"random{index}", (depth, width)))
+            shape = self._random_shape(rng, space)
+            while self.args.distill_teacher == "base" and shape == full:
+                shape = self._random_shape(rng, space)
+            shapes.append((f"random{index}", shape))
         return shapes
+
+    def _random_shape(self, rng: random.Random, space) -> tuple[int, float]:
+        widths = self.args.shape_widths
+        return rng.choice(space.depths), rng.choice(widths) if widths else round(rng.uniform(space.min_width, 1.0), 4)
+
+    def _check_base_teacher(self, model) -> None:
+        """The base teacher needs an expert-free full shape, frozen base weights and another shape to train."""
+        if not model.config.smol_exact_full_shape:
+            raise ValueError(
+                "distill_teacher='base' needs a model whose full shape is the base: enable SMoL with "
+                "enable_smol(exact_full_shape=True); this model's full shape uses its experts"
+            )
+        trained_base = [n for n, p in model.named_parameters()
+                        if p.requires_grad and "lora_" not in n and "shape_router" not in n]
+        if trained_base:
+            raise ValueError(
+                f"distill_teacher='base' needs frozen base weights (the teacher), but {trained_base[0]} and "
+                f"{len(trained_base) - 1} more are trainable; train only the experts and the router"
+            )
+        space, widths = model.shape_space, self.args.shape_widths
+        if len(space.depths) == 1 and (set(widths) == {1.0} if widths else space.min_width == 1.0):
+            raise ValueError(
+                "distill_teacher='base' trains every shape but the full one, and this shape space holds only the full "
+                f"shape (depth {space.num_layers}, width 1.0); lower min_depth or min_width"
+            )
 
     def _normaliser(self, labels: torch.Tensor, num_items_in_batch) -> torch.Tensor:
         """Token count the summed loss is divided by: the whole accumulated (and gathered) batch when known."""
@@ -131,7 +163,7 @@ class AmoebaTrainer(Trainer):
         return count
 
     def _teacher_targets(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The largest shape's detached distribution at temperature T, and what turns soft CE into KL:
+        """The teacher's detached distribution at temperature T, and what turns soft CE into KL:
         `sum(p * log p)` for `distill_loss="kl"` (a constant, so both losses have the same gradient), else 0."""
         log_probs = F.log_softmax(logits.detach().float() / self.args.distill_temperature, dim=-1)
         probs = log_probs.exp()
@@ -174,8 +206,13 @@ class AmoebaTrainer(Trainer):
         teacher, teacher_magnitude, total = None, None, 0.0
         if self.args.distill_teacher == "base":
             amoeba.set_shape(amoeba.shape_space.num_layers, 1.0)
-            with torch.no_grad(), amoeba.experts_disabled(), self.compute_loss_context_manager():
-                teacher = self._teacher_targets(amoeba(**forward_inputs, use_cache=False, logits_to_keep=mask).logits)
+            with torch.no_grad(), self.compute_loss_context_manager():
+                logits = amoeba(**forward_inputs, use_cache=False, logits_to_keep=mask).logits
+                teacher = self._teacher_targets(logits)
+                base_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / normaliser
+                teacher_magnitude = self._summed_over_processes(base_loss)
+                self._shape_losses.setdefault("base", []).append(base_loss.item())
+            del logits
         try:
             for index, (role, shape) in enumerate(shapes):
                 amoeba.set_shape(*shape)
@@ -187,7 +224,7 @@ class AmoebaTrainer(Trainer):
                     self._shape_losses.setdefault(role, []).append(loss.detach().item())
                     if self.args.loss_balancing:
                         magnitude = self._summed_over_processes(loss.detach())
-                        if index == 0:
+                        if teacher_magnitude is None:
                             teacher_magnitude = magnitude
                         else:
                             loss = loss * (teacher_magnitude / magnitude.clamp(min=1e-12))
