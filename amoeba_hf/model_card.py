@@ -92,10 +92,18 @@ def fill_repo_id(card: str, repo_id: str) -> str:
 def _introduction(config) -> str:
     base = config.base_model
     origin = f"[{base}](https://huggingface.co/{base})" if base else f"a {config.source_model_type} model"
+    if not config.smol_experts:
+        full_shape = "The full shape computes exactly what the source model computes."
+    elif config.smol_exact_full_shape:
+        full_shape = (f"The full shape computes exactly what the source model computes; every smaller shape adds "
+                      f"its mix of {config.smol_experts} LoRA experts, fine-tuned for all shapes at once.")
+    else:
+        full_shape = (f"Every shape, the full one included, adds its mix of {config.smol_experts} LoRA experts, "
+                      "fine-tuned for all shapes at once.")
     return (
         "One set of weights, many models: this checkpoint runs as any subnet of its shape space, chosen at run time "
-        "with `model.set_shape(depth, width)`, with no copy of the weights and no reload. The full shape computes "
-        f"exactly what the source model computes. It was converted from {origin} with amoeba_hf, an implementation "
+        f"with `model.set_shape(depth, width)`, with no copy of the weights and no reload. {full_shape} It was "
+        f"converted from {origin} with amoeba_hf, an implementation "
         "of [AmoebaLLM](https://arxiv.org/abs/2411.10606) for Hugging Face Transformers."
     )
 

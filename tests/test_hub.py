@@ -21,7 +21,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.model_card import EVAL_FILE, REPO_ID_PLACEHOLDER, refresh_model_card
+from amoeba_hf.model_card import EVAL_FILE, REPO_ID_PLACEHOLDER, refresh_model_card, render_model_card
 from amoeba_hf.subnet_export import hub_model_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -316,6 +316,26 @@ def test_card_lists_every_shape_and_the_stored_evaluation(tmp_path):
     assert "| 123.5 | – |" in card.text
     model.save_pretrained(tmp_path / "second")
     assert (tmp_path / "second" / "README.md").read_text() == str(card)
+
+
+@pytest.mark.parametrize("smol", [None, {"exact_full_shape": True}, {"exact_full_shape": False}],
+                         ids=["no-experts", "exact-full-shape", "experts-everywhere"])
+def test_card_says_whether_the_full_shape_is_the_source_model(smol):
+    """The card's claim is checked against what the full shape computes, with trained (non-zero) experts."""
+    source = tiny_source("llama").eval()
+    model = AmoebaForCausalLM.from_llama(source, min_depth=3).eval()
+    if smol is not None:
+        model.enable_smol(experts=3, rank=4, **smol)
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_B" in name:
+                    parameter.normal_(std=0.1)
+    ids = torch.tensor([[5, 17, 33, 8, 91, 4]])
+    with torch.no_grad():
+        same = bool((model(ids).logits - source(ids).logits).abs().max() <= 1e-5)
+    assert same == (smol is None or smol["exact_full_shape"])
+    card = render_model_card(model)
+    assert ("The full shape computes exactly what the source model computes" in card) == same
 
 
 @pytest.mark.parametrize(
