@@ -431,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--experts", type=int, default=5, help="LoRA experts per linear; 1 = plain LoRA (default 5)")
     train.add_argument("--top-k", type=int, default=2)
     train.add_argument("--rank", type=int, default=8)
-    train.add_argument("--random-shapes", type=int, default=2, help="random shapes per step besides largest/smallest")
+    train.add_argument("--random-shapes", type=int, default=2,
+                       help="random shapes per step besides the smallest and (unless --teacher base) the largest")
     train.add_argument("--widths", default=None, help="widths to sample, e.g. 1,0.875,0.75 (default: uniform range)")
     train.add_argument("--no-distillation", action="store_true", help="train every shape on labels (ablation)")
     train.add_argument("--teacher", choices=("largest", "base"), default="largest",
