@@ -5,6 +5,8 @@ on the first `--eval-tokens` tokens in non-overlapping windows of `--window` tok
 so an interrupted run resumes; the DP is timed with prefix caching and naively.
 
     python benchmarks/bench_selection.py --data-dir ../shared/data
+    python benchmarks/bench_selection.py --calibration calibration/wiki_demo.txt --depth-only \
+        --out benchmarks/results/bench_selection_wiki.json     # depth methods only, DP-kl, other calibration text
 """
 
 import argparse
@@ -75,9 +77,10 @@ def run_dp(model, blocks: torch.Tensor, scan: list[int], max_removed: int, score
             "seconds": time.perf_counter() - start}
 
 
-def depth_tables(model, blocks: torch.Tensor, timing_blocks: torch.Tensor, min_depth: int, results: dict, out: Path,
-                 chunk: int) -> dict:
-    """Tables of every depth method. The DP's prefix cache is timed against the naive DP on `timing_blocks`."""
+def depth_tables(model, blocks: torch.Tensor, timing_blocks: torch.Tensor | None, min_depth: int, results: dict,
+                 out: Path, chunk: int) -> dict:
+    """Tables of every depth method. The DP's prefix cache is timed against the naive DP on `timing_blocks`;
+    without them only DP-kl runs (the cheaper score, for extra calibration sources)."""
     num_layers = model.config.num_hidden_layers
     scan = removable_layers(num_layers, keep_last=1)
     max_removed = num_layers - min_depth
@@ -85,34 +88,40 @@ def depth_tables(model, blocks: torch.Tensor, timing_blocks: torch.Tensor, min_d
     runner = LayerRunner(model, blocks, chunk_size=chunk)
     runner.cache_layer_inputs()
     tables["ShortGPT-BI"] = block_influence_table(runner, scan, max_removed)
-    runs = (("DP-ppl", "ppl", True, blocks), ("DP-kl", "kl", True, blocks),
-            ("timing: DP-ppl cached", "ppl", True, timing_blocks), ("timing: DP-ppl naive", "ppl", False, timing_blocks))
+    runs = [("DP-kl", "kl", True, blocks)]
+    if timing_blocks is not None:
+        runs = [("DP-ppl", "ppl", True, blocks), *runs, ("timing: DP-ppl cached", "ppl", True, timing_blocks),
+                ("timing: DP-ppl naive", "ppl", False, timing_blocks)]
     for name, score_name, cached, data in runs:
         if name not in results["dp"]:
             results["dp"][name] = run_dp(model, data, scan, max_removed, score_name, cached, chunk)
             save_results(out, results)
         if not name.startswith("timing"):
             tables[name] = results["dp"][name]["table"]
-    if results["dp"]["timing: DP-ppl cached"]["table"] != results["dp"]["timing: DP-ppl naive"]["table"]:
+    if timing_blocks is not None and (
+        results["dp"]["timing: DP-ppl cached"]["table"] != results["dp"]["timing: DP-ppl naive"]["table"]
+    ):
         print("warning: naive and cached DP tables differ", file=sys.stderr)
     return tables
 
 
 def plot(results: dict, path: Path) -> None:
-    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for axis, kind, key in ((left, "depth", "depth"), (right, "width", "width")):
+    """One panel per kind of selection that has rows (depth, width), perplexity on a log scale."""
+    titles = {"depth": "depth (full width), no fine-tuning", "width": "width (full depth), no fine-tuning"}
+    kinds = [kind for kind in titles if any(r["kind"] == kind for r in results["rows"].values())]
+    figure, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4.2), squeeze=False)
+    for axis, kind in zip(axes[0], kinds):
         methods = sorted({r["method"] for r in results["rows"].values() if r["kind"] == kind})
         for method in methods:
             rows = sorted((r for r in results["rows"].values() if r["kind"] == kind and r["method"] == method),
-                          key=lambda r: r[key])
-            axis.plot([r[key] for r in rows], [r["ppl"] for r in rows], marker="o", label=method)
+                          key=lambda r: r[kind])
+            axis.plot([r[kind] for r in rows], [r["ppl"] for r in rows], marker="o", label=method)
         axis.set_yscale("log")
-        axis.set_xlabel(key)
+        axis.set_xlabel(kind)
         axis.set_ylabel("WikiText-2 test perplexity")
+        axis.set_title(titles[kind])
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
-    left.set_title("depth (full width), no fine-tuning")
-    right.set_title("width (full depth), no fine-tuning")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -128,6 +137,8 @@ def main() -> None:
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--depth-only", action="store_true",
+                        help="depth methods only, DP-kl without DP-ppl and timing (e.g. to compare calibration texts)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_selection.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -160,7 +171,7 @@ def main() -> None:
     evaluate("dense", {"kind": "dense", "method": "dense"}, model, 30, 1.0)
 
     blocks = text_blocks(calibration, tokenizer, args.samples, args.seq_len)
-    timing_blocks = text_blocks(calibration, tokenizer, args.timing_samples, 64)
+    timing_blocks = None if args.depth_only else text_blocks(calibration, tokenizer, args.timing_samples, 64)
     tables = depth_tables(model, blocks, timing_blocks, min(DEPTHS), results, out, chunk=4)
     # Perplexity of each depth table on the DP's calibration blocks: how well a method fits what it saw.
     calibration_ppl = results.setdefault("calibration_ppl", {})
@@ -180,17 +191,18 @@ def main() -> None:
     model.config.depth_table = None
     model.model.reset_shape_space()
 
-    width_blocks = text_blocks(calibration, tokenizer, args.width_samples, 256)
-    stats = collect_statistics(model, width_blocks)
-    for name, method, mode, compensation in WIDTH_METHODS:
-        if all(f"width/{name}/{w}" in results["rows"] for w in WIDTHS):
-            continue
-        pruned = copy.deepcopy(model)
-        groups, neurons = layer_scores(pruned, stats, method)
-        apply_width_order(pruned, groups, neurons, stats, mode, compensation)
-        for width in WIDTHS:
-            evaluate(f"width/{name}/{width}", {"kind": "width", "method": name}, pruned, 30, width)
-        del pruned
+    if not args.depth_only:
+        width_blocks = text_blocks(calibration, tokenizer, args.width_samples, 256)
+        stats = collect_statistics(model, width_blocks)
+        for name, method, mode, compensation in WIDTH_METHODS:
+            if all(f"width/{name}/{w}" in results["rows"] for w in WIDTHS):
+                continue
+            pruned = copy.deepcopy(model)
+            groups, neurons = layer_scores(pruned, stats, method)
+            apply_width_order(pruned, groups, neurons, stats, mode, compensation)
+            for width in WIDTHS:
+                evaluate(f"width/{name}/{width}", {"kind": "width", "method": name}, pruned, 30, width)
+            del pruned
 
     print(f"\nWikiText-2 test perplexity, first {len(eval_ids):,} tokens, windows of {args.window}, no fine-tuning")
     print(f"dense: {results['rows']['dense']['ppl']:.2f}")
