@@ -108,13 +108,16 @@ def main() -> None:
     samples = {name: {"elastic_prefill": [], "exported_prefill": [], "elastic_decode": [], "exported_decode": []}
                for name, _, _ in shapes}
     for repetition in range(args.repeats):
-        for name, depth, width in shapes:
-            model.set_shape(depth, width)
-            # Alternate which of the pair runs first: the second run of a pair finds warmer caches.
-            pair = (("elastic", model), ("exported", subnets[name]))
-            for kind, timed in pair if repetition % 2 == 0 else pair[::-1]:
-                samples[name][f"{kind}_prefill"].append(prefill_tokens_per_s(timed, prefill_ids))
-                samples[name][f"{kind}_decode"].append(decode_tokens_per_s(timed, decode_ids, args.new_tokens))
+        # Prefills and decodes in separate passes: interleaved, decodes biased the prefill ratios (docs/benchmarks.md).
+        for phase in ("prefill", "decode"):
+            for name, depth, width in shapes:
+                model.set_shape(depth, width)
+                # Alternate which of the pair runs first: the second run of a pair finds warmer caches.
+                pair = (("elastic", model), ("exported", subnets[name]))
+                for kind, timed in pair if repetition % 2 == 0 else pair[::-1]:
+                    speed = (prefill_tokens_per_s(timed, prefill_ids) if phase == "prefill"
+                             else decode_tokens_per_s(timed, decode_ids, args.new_tokens))
+                    samples[name][f"{kind}_{phase}"].append(speed)
         print(f"repetition done ({len(samples['full']['elastic_prefill'])}/{args.repeats})", file=sys.stderr)
 
     median = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
