@@ -194,18 +194,12 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         self.shape_router = self._new_router(config).to(self.embed_tokens.weight.device)
         self.set_shape(*self._shape)
 
-    @property
-    def experts_active(self) -> bool:
-        """Whether the current shape uses the SMoL experts: not at the exact full shape (`smol_exact_full_shape`)."""
-        if self.shape_router is None:
-            return False
-        return not (self.config.smol_exact_full_shape and self._shape == Shape(self.config.num_hidden_layers, 1.0))
-
     def route(self, deterministic: bool = False) -> None:
-        """Hand the current shape's expert gates to every active LoRA linear (noisy, with grad, in training)."""
+        """Hand the current shape's expert gates to every active LoRA linear (noisy, with grad, in training);
+        `None` at the full shape of a `smol_exact_full_shape` model, which runs the base weights only."""
         if self.shape_router is None:
             return
-        if not self.experts_active:
+        if self.config.smol_exact_full_shape and self._shape == Shape(self.config.num_hidden_layers, 1.0):
             gates = None
         else:
             gates = self.shape_router.deterministic_gates() if deterministic else self.shape_router()

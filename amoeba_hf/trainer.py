@@ -210,8 +210,9 @@ class AmoebaTrainer(Trainer):
                 logits = amoeba(**forward_inputs, use_cache=False, logits_to_keep=mask).logits
                 teacher = self._teacher_targets(logits)
                 base_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / normaliser
-                teacher_magnitude = self._summed_over_processes(base_loss)
                 self._shape_losses.setdefault("base", []).append(base_loss.item())
+                if self.args.loss_balancing:
+                    teacher_magnitude = self._summed_over_processes(base_loss)
             del logits
         try:
             for index, (role, shape) in enumerate(shapes):

@@ -178,9 +178,9 @@ def main() -> None:
     if any(method not in calibration_ppl for method in tables):
         runner = LayerRunner(model, blocks, chunk_size=4)
         score = perplexity_score(runner, blocks, 4)
+        every_layer = frozenset(range(model.config.num_hidden_layers))
         for method, table in tables.items():
             kept = {int(depth): layers for depth, layers in table.items()}
-            every_layer = frozenset(range(model.config.num_hidden_layers))
             calibration_ppl[method] = {str(d): score(runner.final_states(every_layer - set(kept[d]))) for d in DEPTHS}
         save_results(out, results)
     for method, table in tables.items():
