@@ -156,12 +156,16 @@ def test_calibrate_writes_tables_into_a_loadable_checkpoint(tmp_path, score):
     loaded = AmoebaForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
     assert loaded.config.depth_table == report.depth_table
     assert loaded.config.width_mode == "global" and loaded.config.bias_compensation
+    saved, reloaded = model.state_dict(), loaded.state_dict()
+    assert saved.keys() == reloaded.keys()
+    assert all(torch.equal(saved[name], reloaded[name]) for name in saved)
     ids = calibration_ids(tmp_path)
     for shape in [(6, 1.0), (4, 0.75), (3, 0.6), (5, 0.68)]:
         model.set_shape(*shape)
         loaded.set_shape(*shape)
         with torch.no_grad():
-            assert torch.equal(model(ids).logits, loaded(ids).logits)
+            # Same weights bit for bit; the matmul kernels may still round differently by memory layout.
+            torch.testing.assert_close(model(ids).logits, loaded(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_interrupted_calibration_resumes_to_the_same_result(tmp_path, monkeypatch):
