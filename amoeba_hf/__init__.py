@@ -2,9 +2,9 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
-from .modeling_amoeba import AmoebaForCausalLM, AmoebaModel, AmoebaPreTrainedModel, Shape
-from .shape_space import LayerWidth, ShapeSpace
+from .modeling.configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
+from .modeling.modeling_amoeba import AmoebaForCausalLM, AmoebaModel, AmoebaPreTrainedModel, Shape
+from .modeling.shape_space import LayerWidth, ShapeSpace
 
 AutoConfig.register("amoeba", AmoebaConfig, exist_ok=True)
 AutoModel.register(AmoebaConfig, AmoebaModel, exist_ok=True)

@@ -1,7 +1,7 @@
 """Deployment speed of shapes: prefill and decode speed-up against the full model and against the ideal (the
 parameter ratio), elastic model vs exported subnet, at batch 1 and a larger batch; peak memory; set_shape latency.
 
-The numbers come from one `amoeba_hf.profiling.profile_shapes` run, which measures every shape round-robin, so
+The numbers come from one `amoeba_hf.deploy.profile.profile_shapes` run, which measures every shape round-robin, so
 all ratios are taken within one run, from medians of `--repeats` repetitions. Speed-ups are against the full model
 exported, i.e. the stock model the checkpoint was converted from. The profile is also stored in the checkpoint's
 cache, so `amoeba search` with the same settings reuses it.
@@ -27,9 +27,16 @@ import torch
 from bench_shapes import load_model, pick_shapes
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.atomic_io import write_text_atomically
-from amoeba_hf.eval_runner import shape_key
-from amoeba_hf.profiling import DeviceProfile, ProfileSettings, Runtime, profile_shapes, save_profile, time_set_shape
+from amoeba_hf.deploy.profile import (
+    DeviceProfile,
+    ProfileSettings,
+    Runtime,
+    profile_shapes,
+    save_profile,
+    time_set_shape,
+)
+from amoeba_hf.evaluation.runner import shape_key
+from amoeba_hf.modeling.atomic_io import write_text_atomically
 
 DEPTH_TARGET = 0.85  # exported decode speed-up / ideal, depth-only shapes
 WIDTH_TARGET = 0.7  # the same for shapes with width < 1

@@ -11,11 +11,11 @@ same budget (steps x batch, sequence lengths, learning rate, rank):
   per_shape     the paper's baseline: for the evaluated shapes nearest 80/65/50% of the parameters, the shape exported
                 as a plain model and fine-tuned alone with peft LoRA (stock `Trainer`) for as many steps as one run
 Evaluation: perplexity on the first `--eval-tokens` tokens of WikiText-2 *test*, non-overlapping windows of
-`--window` (`amoeba_hf.evaluation.perplexity`). Shapes: for `--shapes` parameter ratios evenly spaced from 1 to
+`--window` (`amoeba_hf.evaluation.scoring.perplexity`). Shapes: for `--shapes` parameter ratios evenly spaced from 1 to
 `--min-ratio`, the grid shape (calibrated depths x width grid) nearest to each.
 
 Zero-shot: accuracy on seeded subsets of HellaSwag, ARC-Easy and PIQA (`--zero-shot-limit` items each, lm-eval's
-prompts via `amoeba_hf.evaluation`) at the full shape and the per-shape baselines' shapes, for every method.
+prompts via `amoeba_hf.evaluation.scoring`) at the full shape and the per-shape baselines' shapes, for every method.
 
 Resumable: trainings checkpoint every `--save-steps` and resume; trained adapters are kept; every finished
 perplexity is written to the results JSON at once and skipped on a re-run.
@@ -40,10 +40,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.configuration_amoeba import SMOL_TARGETS
-from amoeba_hf.eval_tasks import load_task
-from amoeba_hf.evaluation import encode_task, perplexity, score_task
-from amoeba_hf.finetune import FinetuneSettings, build_dataset, finetune, last_complete_checkpoint
+from amoeba_hf.evaluation.scoring import encode_task, perplexity, score_task
+from amoeba_hf.evaluation.tasks import load_task
+from amoeba_hf.modeling.configuration_amoeba import SMOL_TARGETS
+from amoeba_hf.training.finetune import FinetuneSettings, build_dataset, finetune, last_complete_checkpoint
 
 ABLATIONS = {
     "one_for_all": {},

@@ -23,9 +23,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from amoeba_hf.calibration_data import text_blocks
-from amoeba_hf.defaults import convert_source, load_tokenizer
-from amoeba_hf.depth_selection import (
+from amoeba_hf.evaluation.scoring import perplexity
+from amoeba_hf.pipeline.sources import convert_source, load_tokenizer
+from amoeba_hf.selection.data import text_blocks
+from amoeba_hf.selection.depth import (
     LayerRunner,
     block_influence_table,
     dp_depth_table,
@@ -34,8 +35,7 @@ from amoeba_hf.depth_selection import (
     perplexity_score,
     removable_layers,
 )
-from amoeba_hf.evaluation import perplexity
-from amoeba_hf.width_selection import apply_width_order, collect_statistics, layer_scores
+from amoeba_hf.selection.width import apply_width_order, collect_statistics, layer_scores
 
 DEPTHS = (27, 24, 21, 18)
 WIDTHS = (0.875, 0.75, 0.625, 0.5)

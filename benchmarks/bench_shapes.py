@@ -19,8 +19,8 @@ from pathlib import Path
 import torch
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.defaults import convert_source
-from amoeba_hf.profiling import time_decode, time_prefill, time_set_shape
+from amoeba_hf.deploy.profile import time_decode, time_prefill, time_set_shape
+from amoeba_hf.pipeline.sources import convert_source
 
 TARGETS = (0.8, 0.65, 0.5)
 CACHE = Path(__file__).resolve().parent / ".cache"

@@ -32,11 +32,11 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-from amoeba_hf.configuration_amoeba import SMOL_TARGETS
-from amoeba_hf.defaults import load_or_convert, load_tokenizer
-from amoeba_hf.finetune import is_instruction_file
-from amoeba_hf.trainer import AmoebaTrainer, AmoebaTrainingArguments
-from amoeba_hf.training_data import instruction_dataset, text_dataset
+from amoeba_hf.modeling.configuration_amoeba import SMOL_TARGETS
+from amoeba_hf.pipeline.sources import load_or_convert, load_tokenizer
+from amoeba_hf.training.data import instruction_dataset, text_dataset
+from amoeba_hf.training.finetune import is_instruction_file
+from amoeba_hf.training.trainer import AmoebaTrainer, AmoebaTrainingArguments
 
 CONFIGS = ("lora", "smol", "smol_e1")
 CLOCKS = ("cpu", "wall")

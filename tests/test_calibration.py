@@ -8,10 +8,10 @@ import torch
 from conftest import tiny_source, tiny_tokenizer, write_tiny_text
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.calibrate import CalibrationSettings, calibrate
-from amoeba_hf.calibration_data import text_blocks
-from amoeba_hf.depth_selection import LayerRunner, dp_depth_table, perplexity_score, removable_layers
-from amoeba_hf.width_selection import ChannelStatistics, apply_width_order, collect_statistics, layer_scores
+from amoeba_hf.selection.calibrate import CalibrationSettings, calibrate
+from amoeba_hf.selection.data import text_blocks
+from amoeba_hf.selection.depth import LayerRunner, dp_depth_table, perplexity_score, removable_layers
+from amoeba_hf.selection.width import ChannelStatistics, apply_width_order, collect_statistics, layer_scores
 
 
 def tiny_amoeba(num_layers: int = 6, min_depth: int = 3):

@@ -10,18 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM, profiling
 from amoeba_hf.cli import main
-from amoeba_hf.deployment import (
-    Budget,
-    BudgetError,
-    Candidate,
-    Quality,
-    build_candidates,
-    search_checkpoint,
-    search_shape,
-    stored_quality,
-)
-from amoeba_hf.eval_runner import shape_key
-from amoeba_hf.profiling import (
+from amoeba_hf.deploy.profile import (
     PROFILE_FILE,
     DeviceProfile,
     ProfileSettings,
@@ -34,6 +23,17 @@ from amoeba_hf.profiling import (
     save_profile,
     weight_bytes,
 )
+from amoeba_hf.deploy.search import (
+    Budget,
+    BudgetError,
+    Candidate,
+    Quality,
+    build_candidates,
+    search_checkpoint,
+    search_shape,
+    stored_quality,
+)
+from amoeba_hf.evaluation.runner import shape_key
 
 SETTINGS = ProfileSettings(prompt_lengths=(8, 16), batch_sizes=(1, 2), new_tokens=4)
 SETTINGS_ARGS = ["--prompt-lengths", "8,16", "--batch-sizes", "1,2", "--new-tokens", "4", "--threads", "1"]

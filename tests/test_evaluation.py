@@ -11,9 +11,8 @@ from transformers import PreTrainedTokenizerFast
 
 from amoeba_hf import AmoebaForCausalLM, eval_runner
 from amoeba_hf.cli import main
-from amoeba_hf.eval_runner import EvalSettings, evaluate_shapes
-from amoeba_hf.eval_tasks import ChoiceItem, ChoiceTask, load_task, seeded_subset
-from amoeba_hf.evaluation import (
+from amoeba_hf.evaluation.runner import EvalSettings, evaluate_shapes
+from amoeba_hf.evaluation.scoring import (
     MIN_SHARED_PREFIX,
     continuation_logprobs,
     encode_pair,
@@ -21,6 +20,7 @@ from amoeba_hf.evaluation import (
     perplexity,
     score_task,
 )
+from amoeba_hf.evaluation.tasks import ChoiceItem, ChoiceTask, load_task, seeded_subset
 
 TEXT = (
     "The tiny model reads characters. It predicts the next one, badly, because its weights are random.\n"
@@ -307,7 +307,7 @@ def test_lm_eval_amoeba_model_scores_a_shape_like_our_evaluator(checkpoint, data
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
-    import amoeba_hf.lm_eval_model  # noqa: F401  (registers the `amoeba` model)
+    import amoeba_hf.evaluation.lm_eval_model  # noqa: F401  (registers the `amoeba` model)
 
     (tmp_path / "tiny_local.yaml").write_text(
         "task: tiny_local\ndataset_path: json\n"

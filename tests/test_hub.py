@@ -21,8 +21,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.model_card import EVAL_FILE, REPO_ID_PLACEHOLDER, refresh_model_card, render_model_card
-from amoeba_hf.subnet_export import hub_model_id
+from amoeba_hf.modeling.model_card import EVAL_FILE, REPO_ID_PLACEHOLDER, refresh_model_card, render_model_card
+from amoeba_hf.modeling.subnet_export import hub_model_id
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(6, 1.0), (4, 0.75), (3, 0.5)]
@@ -364,6 +364,6 @@ def test_only_hub_ids_are_recorded_as_base_model(tmp_path, monkeypatch):
 
 @pytest.mark.real_model
 def test_embedded_smollm2_licence_comes_from_the_gguf_metadata():
-    from amoeba_hf.defaults import source_license, split_source
+    from amoeba_hf.pipeline.sources import source_license, split_source
 
     assert source_license(*split_source(None)) == "apache-2.0"

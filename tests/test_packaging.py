@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "amoeba_hf"
 
 # Modules served by an optional extra, and the only files allowed to import them.
-EXTRA_MODULES = {"lm_eval": ("eval", {"lm_eval_model.py"})}
+EXTRA_MODULES = {"lm_eval": ("eval", {"evaluation/lm_eval_model.py"})}
 
 
 def _requirement_name(line: str) -> str:

@@ -17,7 +17,7 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.cli import main
-from amoeba_hf.trainer import AmoebaTrainer, AmoebaTrainingArguments, SoftCrossEntropy
+from amoeba_hf.training.trainer import AmoebaTrainer, AmoebaTrainingArguments, SoftCrossEntropy
 
 TESTS = Path(__file__).resolve().parent
 WORKER_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)])}

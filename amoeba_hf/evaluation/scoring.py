@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .eval_tasks import TARGET_DELIMITER, ChoiceItem, PerplexityTask, Task
+from .tasks import TARGET_DELIMITER, ChoiceItem, PerplexityTask, Task
 
 # A forward pass streams every weight, so a separate pass for a shared prefix costs about as much as ~100 tokens:
 # sharing pays for few-shot exemplars, not for the short stem that a question's options share.

@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .calibration_data import multiple_choice_prompts, text_blocks
-from .depth_selection import (
+from .data import multiple_choice_prompts, text_blocks
+from .depth import (
     SCORES,
     LayerRunner,
     block_influence_table,
@@ -23,7 +23,7 @@ from .depth_selection import (
     perplexity_score,
     removable_layers,
 )
-from .width_selection import WIDTH_METHODS, ChannelStatistics, apply_width_order, collect_statistics, layer_scores
+from .width import WIDTH_METHODS, ChannelStatistics, apply_width_order, collect_statistics, layer_scores
 
 DEPTH_METHODS = ("dp", "block-influence", "drop-last")
 

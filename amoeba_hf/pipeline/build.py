@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
-from .atomic_io import atomic_directory, ensure_free_output_dir
-from .calibrate import CalibrationSettings, calibrate
-from .defaults import load_or_convert
-from .evaluation import perplexity
-from .finetune import FinetuneSettings, finetune
-from .self_generated_data import SEED_INSTRUCTIONS, generate_self_data
+from ..evaluation.scoring import perplexity
+from ..modeling.atomic_io import atomic_directory, ensure_free_output_dir
+from ..selection.calibrate import CalibrationSettings, calibrate
+from ..training.finetune import FinetuneSettings, finetune
+from ..training.self_generated import SEED_INSTRUCTIONS, generate_self_data
+from .sources import load_or_convert
 
 HELD_OUT = 8
 FAULT_ENV = "AMOEBA_BUILD_FAULT"
@@ -248,7 +248,7 @@ def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data
         eval_rows = [{"depth": r["depth"], "width": r["width"], "held-out ppl": round(r["perplexity"], 3),
                       "prefill tok/s": round(r["prefill_tokens_per_s"], 1)} for r in trained]
         (Path(staging) / "amoeba_eval.json").write_text(json.dumps(eval_rows, indent=2))
-        from .model_card import refresh_model_card
+        from ..modeling.model_card import refresh_model_card
 
         refresh_model_card(model_obj, staging)
         (Path(staging) / "build_report.json").write_text(json.dumps(report, indent=2))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 from transformers import Trainer, TrainingArguments
 
-from .training_data import IGNORE_INDEX
+from .data import IGNORE_INDEX
 
 DISTILL_LOSSES = ("soft_ce", "kl")
 TEACHERS = ("largest", "base")

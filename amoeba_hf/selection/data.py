@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from .training_data import load_records
+from ..training.data import load_records
 
 ANSWER_LETTERS = ("A", "B", "C", "D")
 

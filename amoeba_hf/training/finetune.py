@@ -9,8 +9,8 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Traine
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .data import INSTRUCTION_FIELDS, TEXT_FIELDS, instruction_dataset, load_records, text_dataset
 from .trainer import AmoebaTrainer, AmoebaTrainingArguments
-from .training_data import INSTRUCTION_FIELDS, TEXT_FIELDS, instruction_dataset, load_records, text_dataset
 
 
 @dataclass

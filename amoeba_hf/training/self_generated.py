@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from .training_data import instruction_prompt
+from .data import instruction_prompt
 
 SEED_INSTRUCTIONS = (
     "Explain how photosynthesis works in simple terms.",

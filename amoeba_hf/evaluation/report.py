@@ -4,7 +4,7 @@ import csv
 import io
 from pathlib import Path
 
-from .atomic_io import write_text_atomically
+from ..modeling.atomic_io import write_text_atomically
 
 LOWER_IS_BETTER = {"ppl"}
 METRIC_ORDER = ("ppl", "acc", "acc_norm")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .atomic_io import write_text_atomically
-from .eval_tasks import load_task, task_label
-from .evaluation import encode_task, score_task
+from ..modeling.atomic_io import write_text_atomically
+from .scoring import encode_task, score_task
+from .tasks import load_task, task_label
 
 SHAPE_PATTERN = re.compile(r"(\d+)x(\d*\.?\d+)")
 

@@ -6,7 +6,7 @@ import tempfile
 import traceback
 from collections.abc import Callable
 
-from .atomic_io import atomic_directory, ensure_free_output_dir
+from ..modeling.atomic_io import atomic_directory, ensure_free_output_dir
 
 EXAMPLES = {
     "convert": "amoeba convert --out smollm2-amoeba            # embedded SmolLM2-135M-Instruct\n"
@@ -46,7 +46,7 @@ def _load_checkpoint(path: str):
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
-    from .defaults import convert_source, load_tokenizer
+    from ..pipeline.sources import convert_source, load_tokenizer
 
     ensure_free_output_dir(args.out)
     model = convert_source(args.model, min_depth=args.min_depth, min_width=args.min_width)
@@ -107,7 +107,7 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
 
 def _push(folder: str, args: argparse.Namespace, commit_message: str | None = None):
-    from .hub import push_folder
+    from ..modeling.hub import push_folder
 
     return push_folder(
         folder,
@@ -139,8 +139,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     from transformers import AutoTokenizer
 
-    from .eval_report import format_table, plot_frontier, write_csv
-    from .eval_runner import EvalSettings, evaluate_shapes, parse_shapes
+    from ..evaluation.report import format_table, plot_frontier, write_csv
+    from ..evaluation.runner import EvalSettings, evaluate_shapes, parse_shapes
 
     if not Path(args.data_dir).is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder")
@@ -171,8 +171,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     from dataclasses import asdict
     from pathlib import Path
 
-    from .calibrate import CalibrationSettings, calibrate
-    from .defaults import load_or_convert
+    from ..pipeline.sources import load_or_convert
+    from ..selection.calibrate import CalibrationSettings, calibrate
 
     out = ensure_free_output_dir(args.out)
     settings = CalibrationSettings(
@@ -199,8 +199,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
 def _cmd_train(args: argparse.Namespace) -> None:
     import shutil
 
-    from .defaults import load_or_convert
-    from .finetune import FinetuneSettings, check_data, finetune
+    from ..pipeline.sources import load_or_convert
+    from ..training.finetune import FinetuneSettings, check_data, finetune
 
     if args.teacher == "base" and (args.no_distillation or args.train_base):
         raise UserError("--teacher base distils from the frozen base model; it cannot be combined with "
@@ -229,7 +229,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
-    from .build import build, format_report
+    from ..pipeline.build import build, format_report
 
     overrides = {key: value for key, value in (("steps", args.steps), ("generated_tokens", args.generated_tokens))
                  if value is not None}
@@ -261,7 +261,7 @@ def _parse_count(text: str) -> int:
 
 
 def _profile_settings(args: argparse.Namespace):
-    from .profiling import ProfileSettings
+    from ..deploy.profile import ProfileSettings
 
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -283,8 +283,8 @@ def _load_for_profiling(args: argparse.Namespace):
 
 
 def _cmd_profile(args: argparse.Namespace) -> None:
-    from .eval_runner import parse_shapes
-    from .profiling import format_profile, profile_checkpoint
+    from ..deploy.profile import format_profile, profile_checkpoint
+    from ..evaluation.runner import parse_shapes
 
     settings = _profile_settings(args)
     model = _load_for_profiling(args)
@@ -300,7 +300,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
 
     from transformers import AutoTokenizer
 
-    from .deployment import (
+    from ..deploy.search import (
         FRONTIER_FILE,
         Budget,
         format_search,
@@ -309,7 +309,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         search_checkpoint,
         stored_quality,
     )
-    from .eval_runner import parse_shapes
+    from ..evaluation.runner import parse_shapes
 
     max_params = None if args.max_params is None else _parse_count(args.max_params)
     budget = Budget(args.max_latency_ms, args.min_tokens_per_s, args.max_memory_gb, max_params)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .eval_report import LOWER_IS_BETTER, headline_columns, metric_columns
-from .eval_runner import EvalSettings, evaluate_shapes, shape_key
-from .eval_tasks import task_label
-from .profiling import MODES, DeviceProfile, ProfileSettings, profile_checkpoint
+from ..evaluation.report import LOWER_IS_BETTER, headline_columns, metric_columns
+from ..evaluation.runner import EvalSettings, evaluate_shapes, shape_key
+from ..evaluation.tasks import task_label
+from .profile import MODES, DeviceProfile, ProfileSettings, profile_checkpoint
 
 QUICK_EVAL_FILE = "amoeba_quick_eval.json"
 FRONTIER_FILE = "amoeba_frontier.png"
