@@ -1,0 +1,168 @@
+"""`amoeba profile` (speed and memory of shapes on this device) and `amoeba search` (the best shape in a budget)."""
+
+import argparse
+import sys
+
+from ..io import ensure_free_output_dir, save_checkpoint
+from . import UserError, add_command
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    _register_profile(commands)
+    _register_search(commands)
+
+
+def _add_profile_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--prompt-lengths", default="128", help="prefill lengths in tokens (default: 128)")
+    parser.add_argument("--batch-sizes", default="1,4", help="batch sizes to measure (default: 1,4)")
+    parser.add_argument("--new-tokens", type=int, default=16,
+                        help="decode steps measured after the longest prompt (default: 16)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions, medians kept (default: 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if available, else cpu)")
+
+
+def _report_progress(message: str) -> None:
+    print(f"amoeba: {message}", file=sys.stderr)
+
+
+def _parse_ints(text: str, option: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} must be comma-separated integers, got {text!r}") from None
+
+
+def _parse_count(text: str) -> int:
+    """A parameter count such as 90000000, 90M or 1.5B."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text[-1:].upper(), 1)
+    try:
+        return int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise UserError(f"--max-params must be a count like 90000000, 90M or 1.5B, got {text!r}") from None
+
+
+def _profile_settings(args: argparse.Namespace):
+    from ..deploy.profile import ProfileSettings
+
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    return ProfileSettings(_parse_ints(args.prompt_lengths, "--prompt-lengths"),
+                           _parse_ints(args.batch_sizes, "--batch-sizes"), args.new_tokens)
+
+
+def _load_for_profiling(args: argparse.Namespace):
+    """The checkpoint in the dtype, on the device and with the CPU threads that its measurements are keyed by."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=dtype)
+    return model.to(device).eval()
+
+
+def _register_profile(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands, "profile", _cmd_profile,
+        "measure speed and memory of shapes on this device (cached in the folder)",
+        "amoeba profile smollm2-amoeba --shapes 30x1,24x1,30x0.75 --batch-sizes 1,8 --threads 2",
+    )
+    parser.add_argument("model_dir")
+    parser.add_argument("--shapes", default="grid", help="DEPTHxWIDTH list, e.g. 30x1,24x0.75, or 'grid' (default)")
+    parser.add_argument("--modes", default="elastic,exported", help="elastic, exported or both (default: both)")
+    _add_profile_args(parser)
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    from ..deploy.profile import format_profile, profile_checkpoint
+    from ..evaluation.runner import parse_shapes
+
+    settings = _profile_settings(args)
+    model = _load_for_profiling(args)
+    shapes = parse_shapes(args.shapes, model.shape_space)
+    modes = args.modes.split(",")
+    profile = profile_checkpoint(model, args.model_dir, shapes, settings, modes=modes, repeats=args.repeats,
+                                 progress=_report_progress)
+    print(format_profile(profile, model.shape_space, shapes, modes))
+
+
+def _register_search(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands, "search", _cmd_search, "the best shape within a latency, throughput, memory or size budget",
+        "amoeba search smollm2-amoeba --results results.json --max-latency-ms 30 --export smollm2-30ms\n"
+        "  amoeba search smollm2-amoeba --data-dir ../shared/data --shapes 30x1,24x1,30x0.75 --max-memory-gb 0.4 "
+        "--min-tokens-per-s 40",
+    )
+    parser.add_argument("model_dir")
+    parser.add_argument("--max-latency-ms", type=float, default=None, help="decode time per token at --batch-size")
+    parser.add_argument("--min-tokens-per-s", type=float, default=None,
+                        help="decode throughput at --batch-size (tokens/s of all sequences)")
+    parser.add_argument("--max-memory-gb", type=float, default=None,
+                        help="weights + activations + KV cache at --batch-size (the runtime not included)")
+    parser.add_argument("--max-params", default=None, help="parameter count, e.g. 90M or 1.5B")
+    quality = parser.add_mutually_exclusive_group()
+    quality.add_argument("--results", default=None, help="amoeba eval --out results: their shapes are the candidates")
+    quality.add_argument("--data-dir", default=None,
+                         help="evaluation data for a quick evaluation of --shapes instead (cached in the folder)")
+    parser.add_argument("--metric", default=None, help="task or task/metric, e.g. wikitext2, arc_easy/acc_norm "
+                        "(default: wikitext2)")
+    parser.add_argument("--shapes", default="grid", help="candidates of a quick evaluation (default: grid)")
+    parser.add_argument("--mode", default="exported", choices=["exported", "elastic"],
+                        help="what you will deploy: exported subnets (default) or the elastic model")
+    parser.add_argument("--batch-size", type=int, default=1, help="batch size the budget refers to (default: 1)")
+    parser.add_argument("--plot", default=None, help="frontier PNG (default: MODEL_DIR/amoeba_frontier.png)")
+    parser.add_argument("--export", default=None, metavar="OUT", help="export the chosen shape to this new folder")
+    _add_profile_args(parser)
+
+
+def _cmd_search(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ..deploy.search import (
+        FRONTIER_FILE,
+        Budget,
+        format_search,
+        plot_search,
+        quick_quality,
+        search_checkpoint,
+        stored_quality,
+    )
+    from ..evaluation.runner import parse_shapes
+
+    max_params = None if args.max_params is None else _parse_count(args.max_params)
+    budget = Budget(args.max_latency_ms, args.min_tokens_per_s, args.max_memory_gb, max_params)
+    budget.validate()
+    settings = _profile_settings(args)
+    if args.batch_size not in settings.batch_sizes:
+        raise UserError(f"--batch-size {args.batch_size} must be one of the profiled --batch-sizes {args.batch_sizes}")
+    if args.results is None and args.data_dir is None:
+        raise UserError("no quality source: pass --results FILE (from amoeba eval --out) or --data-dir DIR for a "
+                        "quick evaluation")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise UserError(f"--data-dir {args.data_dir} is not a folder")
+    if args.export is not None:
+        ensure_free_output_dir(args.export)
+    quality = stored_quality(args.results, args.metric) if args.results is not None else None
+    model = _load_for_profiling(args)
+    tokenizer = None
+    if quality is None or args.export is not None:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
+    if quality is None:
+        shapes = parse_shapes(args.shapes, model.shape_space)
+        quality = quick_quality(model, tokenizer, args.model_dir, shapes, args.metric or "wikitext2", args.data_dir)
+    result = search_checkpoint(model, args.model_dir, budget, quality, settings=settings, mode=args.mode,
+                               batch_size=args.batch_size, repeats=args.repeats, progress=_report_progress)
+    print(format_search(result))
+    plot = Path(args.plot) if args.plot is not None else Path(args.model_dir) / FRONTIER_FILE
+    plot_search(result, plot)
+    print(f"frontier plot: {plot}")
+    if args.export is not None:
+        subnet = model.export_subnet(result.best.depth, result.best.width)
+        save_checkpoint(subnet, tokenizer, args.export)
+        print(f"exported {type(subnet).__name__} ({subnet.num_parameters():,} parameters) to {args.export}")

@@ -1,0 +1,68 @@
+"""`amoeba build` (the whole pipeline) and `amoeba convert` (a source model into an any-shape checkpoint)."""
+
+import argparse
+
+from ..io import ensure_free_output_dir, save_checkpoint
+from . import add_command
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    _register_build(commands)
+    _register_convert(commands)
+
+
+def _register_build(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands, "build", _cmd_build,
+        "the whole pipeline: convert, calibrate, fine-tune one-for-all, evaluate, save",
+        "amoeba build --preset quick --out smollm2-any-shape          # embedded SmolLM2, offline\n"
+        "  amoeba build --model HuggingFaceTB/SmolLM2-360M-Instruct --data alpaca.json --preset standard --out smol360",
+    )
+    parser.add_argument("--model", default=None, help="Hub id, folder or .gguf (default: embedded SmolLM2-135M)")
+    parser.add_argument("--data", nargs="+", default=None,
+                        help="calibration/fine-tuning files (default: the base model answers bundled prompts)")
+    parser.add_argument("--eval-data", default=None, help="text file for the final perplexity table")
+    parser.add_argument("--preset", default="quick", choices=["quick", "standard"])
+    parser.add_argument("--out", required=True, help="new folder for the checkpoint; re-run to resume")
+    parser.add_argument("--min-depth", type=int, default=None, help="smallest depth (default: half the layers)")
+    parser.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
+    parser.add_argument("--generated-tokens", type=int, default=None,
+                        help="override the preset's length of each self-generated answer")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _cmd_build(args: argparse.Namespace) -> None:
+    from ..pipeline.build import build, format_report
+
+    overrides = {key: value for key, value in (("steps", args.steps), ("generated_tokens", args.generated_tokens))
+                 if value is not None}
+    report = build(args.model, args.out, preset=args.preset, data=args.data, eval_data=args.eval_data,
+                   min_depth=args.min_depth, seed=args.seed, overrides=overrides)
+    print(format_report(report))
+    print(f"checkpoint: {args.out} (frontier plot: {args.out}/frontier.png, log: {args.out}/build.log); "
+          f"total {report['seconds'] / 60:.1f} min")
+
+
+def _register_convert(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands, "convert", _cmd_convert, "convert a Llama/Mistral/Qwen2 model into an any-shape checkpoint",
+        "amoeba convert --out smollm2-amoeba            # embedded SmolLM2-135M-Instruct\n"
+        "  amoeba convert TinyLlama/TinyLlama-1.1B-Chat-v1.0 --out tinyllama-amoeba --min-depth 14",
+    )
+    parser.add_argument("model", nargs="?", default=None,
+                        help="folder, Hub id or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--out", required=True, help="new folder for the checkpoint")
+    parser.add_argument("--min-depth", type=int, default=None, help="smallest depth (default: half the layers)")
+    parser.add_argument("--min-width", type=float, default=0.5, help="smallest width (default: 0.5)")
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from ..pipeline.sources import convert_source, load_tokenizer
+
+    ensure_free_output_dir(args.out)
+    model = convert_source(args.model, min_depth=args.min_depth, min_width=args.min_width)
+    tokenizer = load_tokenizer(args.model)
+    save_checkpoint(model, tokenizer, args.out)
+    print(f"saved any-shape checkpoint to {args.out} ({model.num_parameters():,} parameters, "
+          f"depths {model.shape_space.min_depth}..{model.shape_space.num_layers}, widths "
+          f"[{model.shape_space.min_width}, 1])")

@@ -1,0 +1,133 @@
+"""`amoeba shapes`, `generate`, `export` and `push`: look at, run, cut out and publish shapes of a checkpoint."""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from ..io import ensure_free_output_dir, save_checkpoint
+from . import UserError, add_command, load_checkpoint
+
+
+def register(commands: argparse._SubParsersAction) -> None:
+    _register_shapes(commands)
+    _register_generate(commands)
+    _register_export(commands)
+    _register_push(commands)
+
+
+def _add_shape_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--depth", type=int, required=True, help="number of layers to keep")
+    parser.add_argument("--width", type=float, default=1.0, help="fraction of attention+MLP parameters to keep")
+
+
+def _add_hub_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--private", action="store_true", help="create the repo as private (ignored if it exists)")
+    parser.add_argument("--revision", default=None, help="branch to push to, created from main if missing")
+    parser.add_argument("--exist-ok", action="store_true", help="allow a new commit to a repo that already exists")
+
+
+def _register_shapes(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(commands, "shapes", _cmd_shapes, "list a checkpoint's shape space with parameter counts",
+                         "amoeba shapes smollm2-amoeba")
+    parser.add_argument("model_dir")
+
+
+def _cmd_shapes(args: argparse.Namespace) -> None:
+    model = load_checkpoint(args.model_dir)
+    space = model.shape_space
+    full = space.parameter_count(space.num_layers, 1.0)
+    print(f"{'depth':>5} {'width':>6} {'parameters':>12} {'ratio':>6}  layers")
+    for depth, width in space.grid():
+        count = space.parameter_count(depth, width)
+        layers = ",".join(map(str, space.kept_layers(depth)))
+        print(f"{depth:>5} {width:>6.3f} {count:>12,} {count / full:>6.1%}  {layers}")
+    print(f"width is continuous in [{space.min_width}, 1] ({space.width_mode} mode); grid shown")
+
+
+def _register_generate(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands, "generate", _cmd_generate, "prompt one shape of a checkpoint (greedy)",
+        'amoeba generate smollm2-amoeba --depth 24 --width 0.75 --prompt "The capital of France is"',
+    )
+    parser.add_argument("model_dir")
+    _add_shape_args(parser)
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+
+
+def _cmd_generate(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    model = load_checkpoint(args.model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
+    model.set_shape(args.depth, args.width)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+
+
+def _register_export(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands, "export", _cmd_export, "export one shape as a physically smaller, plain checkpoint",
+        "amoeba export smollm2-amoeba --depth 24 --width 0.75 --out smollm2-d24-w075\n"
+        "  amoeba export your-name/smollm2-amoeba --depth 24 --width 0.75 --push your-name/smollm2-d24-w075",
+    )
+    parser.add_argument("model_dir")
+    _add_shape_args(parser)
+    destination = parser.add_mutually_exclusive_group(required=True)
+    destination.add_argument("--out", help="new folder for the subnet")
+    destination.add_argument("--push", metavar="REPO_ID", help="Hub repo to publish the subnet to (your-name/model)")
+    _add_hub_args(parser)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from transformers import AutoTokenizer
+
+    if args.push is None and (args.private or args.revision or args.exist_ok):
+        raise UserError("--private, --revision and --exist-ok apply only with --push REPO_ID")
+    if args.out is not None:
+        ensure_free_output_dir(args.out)
+    model = load_checkpoint(args.model_dir)
+    subnet = model.export_subnet(args.depth, args.width)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
+    description = f"{type(subnet).__name__} ({subnet.num_parameters():,} parameters)"
+    if args.out is not None:
+        save_checkpoint(subnet, tokenizer, args.out)
+        print(f"exported {description} to {args.out}")
+        return
+    with tempfile.TemporaryDirectory() as staging:
+        commit = _push(save_checkpoint(subnet, tokenizer, Path(staging) / "subnet"), args, f"Upload subnet depth={args.depth} width={args.width:g} of {args.model_dir}")
+    print(f"exported {description} to {_pushed_to(commit, args)}")
+
+
+def _register_push(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands, "push", _cmd_push, "publish a checkpoint folder (weights, code, tokenizer, model card) on the Hub",
+        "amoeba push smollm2-amoeba your-name/smollm2-amoeba --private\n"
+        "  amoeba push smollm2-amoeba your-name/smollm2-amoeba --revision stage2 --exist-ok",
+    )
+    parser.add_argument("model_dir", help="checkpoint folder, uploaded as it is (hidden files excepted)")
+    parser.add_argument("push", metavar="REPO_ID", help="Hub repo, e.g. your-name/smollm2-amoeba")
+    _add_hub_args(parser)
+
+
+def _cmd_push(args: argparse.Namespace) -> None:
+    commit = _push(args.model_dir, args)
+    print(f"pushed {args.model_dir} to {_pushed_to(commit, args)}")
+
+
+def _push(folder: str, args: argparse.Namespace, commit_message: str | None = None):
+    from ..hub import push_folder
+
+    return push_folder(
+        folder,
+        args.push,
+        private=True if args.private else None,
+        revision=args.revision,
+        exist_ok=args.exist_ok,
+        commit_message=commit_message,
+    )
+
+
+def _pushed_to(commit, args: argparse.Namespace) -> str:
+    return f"{commit.repo_url} (revision {args.revision or 'main'}, commit {commit.oid[:10]})"
