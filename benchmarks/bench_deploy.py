@@ -36,7 +36,7 @@ from amoeba_hf.deploy.profile import (
     time_set_shape,
 )
 from amoeba_hf.evaluation.runner import shape_key
-from amoeba_hf.modeling.atomic_io import write_text_atomically
+from amoeba_hf.io import write_text_atomically
 
 DEPTH_TARGET = 0.85  # exported decode speed-up / ideal, depth-only shapes
 WIDTH_TARGET = 0.7  # the same for shapes with width < 1

@@ -16,6 +16,7 @@ import torch
 from conftest import run_without_amoeba_hf, tiny_source
 from huggingface_hub import ModelCard
 from local_hub import READ_TOKEN, WRITE_TOKEN, LocalHub
+from test_layout import travelling_files
 from test_shapes_tiny import DEPTH_TABLE
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -27,10 +28,6 @@ from amoeba_hf.modeling.subnet_export import hub_model_id
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(6, 1.0), (4, 0.75), (3, 0.5)]
 PROMPT = "t5 t17 t33 t8 t91 t4 t60 t22"
-TRAVELLING_FILES = {
-    "modeling_amoeba.py", "configuration_amoeba.py", "elastic_linear.py", "shape_space.py", "subnet_export.py",
-    "model_card.py", "hub.py", "atomic_io.py",
-}
 
 
 @pytest.fixture
@@ -165,7 +162,8 @@ def test_push_any_shape_model_and_load_it_by_repo_id_without_amoeba_hf(local_hub
 
     pushed = local_hub.files(repo)
     assert set(pushed) == {p.name for p in local.iterdir()} | {".gitattributes"}
-    assert TRAVELLING_FILES <= set(pushed) and {"tokenizer.json", "model.safetensors"} <= set(pushed)
+    assert {name for name in pushed if name.endswith(".py")} == travelling_files()
+    assert {"tokenizer.json", "model.safetensors", "weights_sha256.json"} <= set(pushed)
     for name in set(pushed) - {".gitattributes", "README.md", "tokenizer.json", "tokenizer_config.json"}:
         assert pushed[name] == (local / name).read_bytes(), f"{name} differs from what save_pretrained writes"
     card_text = pushed["README.md"].decode()
@@ -316,6 +314,25 @@ def test_card_lists_every_shape_and_the_stored_evaluation(tmp_path):
     assert "| 123.5 | – |" in card.text
     model.save_pretrained(tmp_path / "second")
     assert (tmp_path / "second" / "README.md").read_text() == str(card)
+
+
+def test_card_metadata_is_what_huggingface_hub_writes_and_reads(tmp_path):
+    """The travelling card writes its YAML without huggingface_hub: it must read back as the same values, and an
+    ordinary card must keep the bytes `ModelCardData.to_yaml` gave it."""
+    from huggingface_hub import ModelCardData
+
+    model = save_checkpoint(tmp_path)
+    card = ModelCard((tmp_path / "README.md").read_text())
+    expected = ModelCardData(base_model="tiny-org/tiny-llama", library_name="transformers", license="apache-2.0",
+                             pipeline_tag="text-generation", tags=["amoeba", "any-shape", "elastic-inference", "llama"])
+    assert (tmp_path / "README.md").read_text().startswith(f"---\n{expected.to_yaml()}\n---\n\n# Any-shape tiny-llama")
+    assert card.data.to_dict() == expected.to_dict()
+
+    odd = ["yes", "Null", "1.5", "2024", "a: b", "#hash", "-dash", "quote\"d", "it's", "[list]", "ünïcode", "x y"]
+    model.config.base_model, model.config.base_model_license = None, "other: see LICENSE"
+    card = ModelCard(render_model_card(model, tags=odd))
+    assert card.data.tags == ["amoeba", "any-shape", "elastic-inference", "llama", *odd]
+    assert card.data.license == "other: see LICENSE" and card.data.base_model is None
 
 
 @pytest.mark.parametrize("smol", [None, {"exact_full_shape": True}, {"exact_full_shape": False}],

@@ -27,7 +27,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
 from ..evaluation.runner import shape_key
-from ..modeling.atomic_io import write_text_atomically
+from ..io import write_text_atomically
 
 PROFILE_FILE = "amoeba_profile.json"
 PROFILE_FORMAT = 1

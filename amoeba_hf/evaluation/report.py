@@ -4,7 +4,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..modeling.atomic_io import write_text_atomically
+from ..io import write_text_atomically
 
 LOWER_IS_BETTER = {"ppl"}
 METRIC_ORDER = ("ppl", "acc", "acc_norm")

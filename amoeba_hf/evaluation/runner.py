@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..modeling.atomic_io import write_text_atomically
+from ..io import write_text_atomically
 from .scoring import encode_task, score_task
 from .tasks import load_task, task_label
 

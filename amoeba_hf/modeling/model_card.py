@@ -3,23 +3,27 @@
 The card is a pure function of the model and of `amoeba_eval.json` in the same folder, so saving the same model
 twice gives the same bytes. It does not know the repo id it will be published under: the usage snippets name
 `REPO_ID_PLACEHOLDER`, which `fill_repo_id` replaces at push time.
+
+This file travels with every checkpoint (trust_remote_code), so it imports only the standard library: the YAML
+metadata is written here rather than with huggingface_hub's `ModelCardData`.
 """
 
 import json
 import math
 import os
+import re
 from numbers import Real
 from pathlib import Path
 
-from huggingface_hub import ModelCardData
-
-from .atomic_io import write_text_atomically
+from .checkpoint_files import write_text_atomically
 
 CARD_FILE = "README.md"
 EVAL_FILE = "amoeba_eval.json"
 REPO_ID_PLACEHOLDER = "<repo-id-or-folder>"
 CARD_TAGS = ["amoeba", "any-shape", "elastic-inference"]
 STOCK_CLASSES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+YAML_PLAIN = re.compile(r"[A-Za-z][A-Za-z0-9._/+-]*")
+YAML_RESERVED = {"true", "false", "null", "yes", "no", "on", "off", "y", "n"}
 
 
 def read_eval_rows(folder: str | os.PathLike) -> list[dict] | None:
@@ -51,16 +55,16 @@ def render_model_card(model, eval_rows: list[dict] | None = None, tags: list[str
     config, space = model.config, model.shape_space
     base = config.base_model
     family_tags = [config.source_model_type, *(tags or []), *(getattr(model, "model_tags", None) or [])]
-    metadata = ModelCardData(
-        base_model=base,
-        library_name="transformers",
-        license=config.base_model_license,
-        pipeline_tag="text-generation",
-        tags=list(dict.fromkeys(CARD_TAGS + family_tags)),
-    )
+    metadata = _yaml_metadata({
+        "base_model": base,
+        "library_name": "transformers",
+        "license": config.base_model_license,
+        "pipeline_tag": "text-generation",
+        "tags": list(dict.fromkeys(CARD_TAGS + family_tags)),
+    })
     title = f"Any-shape {base.split('/')[-1]}" if base else f"Any-shape {config.source_model_type} model"
     sections = [
-        f"---\n{metadata.to_yaml()}\n---",
+        f"---\n{metadata}\n---",
         f"# {title}",
         _introduction(config),
         _shape_space_section(model),
@@ -87,6 +91,24 @@ def refresh_model_card(model, folder: str | os.PathLike) -> Path:
 def fill_repo_id(card: str, repo_id: str) -> str:
     """The card as published under `repo_id`: usage snippets name the repo instead of the placeholder."""
     return card.replace(REPO_ID_PLACEHOLDER, repo_id)
+
+
+def _yaml_metadata(fields: dict[str, str | list[str] | None]) -> str:
+    """The card's YAML header, keys in the given order, None values left out (as huggingface_hub writes it)."""
+    lines = []
+    for key, value in fields.items():
+        if isinstance(value, list):
+            lines += [f"{key}:", *(f"- {_yaml_string(item)}" for item in value)]
+        elif value is not None:
+            lines.append(f"{key}: {_yaml_string(value)}")
+    return "\n".join(lines)
+
+
+def _yaml_string(value: str) -> str:
+    """A plain scalar when YAML reads it back as the same string, else a double-quoted one (JSON quoting is YAML)."""
+    if YAML_PLAIN.fullmatch(value) and value.lower() not in YAML_RESERVED:
+        return value
+    return json.dumps(value)
 
 
 def _introduction(config) -> str:
@@ -138,7 +160,7 @@ def _shape_space_section(model) -> str:
 
 
 def _parameters_section(space) -> str:
-    full = space.parameter_count(space.num_layers, 1.0)
+    full = space.parameter_count(*space.full_shape)
     widths = space.width_grid
     header = "| depth | dropped layers | " + " | ".join(f"width {w:g}" for w in widths) + " |"
     rule = "|---:|---|" + "---:|" * len(widths)

@@ -12,7 +12,6 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
-from huggingface_hub import CommitInfo
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
 from transformers import initialization as init
@@ -34,12 +33,13 @@ from transformers.models.llama.modeling_llama import (
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.hub import hf_api
 from transformers.utils.output_capturing import capture_outputs
 
+from .checkpoint_files import check_loading_info, record_weight_hashes, verify_weight_files
 from .configuration_amoeba import SMOL_TARGETS, SUPPORTED_SOURCE_TYPES, AmoebaConfig
 from .elastic_linear import ElasticLinear
-from .hub import push_folder
-from .model_card import read_eval_rows, render_model_card, write_card
+from .model_card import fill_repo_id, read_eval_rows, render_model_card, write_card
 from .shape_router import ShapeRouter
 from .shape_space import GlobalWidthAllocator, LayerWidth, ShapeSpace, full_layer_sizes
 from .subnet_export import amoeba_config_from_source, build_subnet
@@ -390,7 +390,8 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
     def save_pretrained(
         self, save_directory: str | os.PathLike, is_main_process: bool = True, push_to_hub: bool = False, **kwargs
     ) -> None:
-        """Stock save plus README.md, the any-shape model card, so that the folder is a complete Hub repo.
+        """Stock save plus README.md, the any-shape model card, so that the folder is a complete Hub repo, and
+        `weights_sha256.json`, the hashes `from_pretrained` checks the weight files against.
 
         The card includes `amoeba_eval.json` if the folder holds one; it is rendered first, so a malformed file fails
         before anything is written. `push_to_hub=True` goes through `push_to_hub` (a second save, to a temporary
@@ -404,6 +405,7 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         if not self.should_save_on_this_rank(is_main_process):
             return
         write_card(card, save_directory)
+        record_weight_hashes(save_directory)
         if push_to_hub:
             repo_id = hub_options.pop("repo_id", os.path.basename(os.path.normpath(save_directory)))
             self.push_to_hub(repo_id, token=kwargs.get("token"), max_shard_size=kwargs.get("max_shard_size", "50GB"),
@@ -423,27 +425,27 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         max_shard_size: int | str = "50GB",
         tags: list[str] | None = None,
         exist_ok: bool = True,
-    ) -> CommitInfo:
+    ) -> str:
         """Upload weights, config, modeling files, the model card and (if given) the tokenizer in one commit.
 
-        Replaces the stock method, which would swap the any-shape card for a generic one. A failure raises
-        `HubPushError` (an OSError) with a one-line reason, and the repo then holds none of the files.
+        Replaces the stock method, which would swap the any-shape card for a generic one, and goes through the same
+        transformers machinery (no other import here: this file travels with the checkpoint). Returns the new
+        commit's `CommitInfo`; a Hub failure raises huggingface_hub's error (an OSError) and commits none of the files.
         """
+        repo_id = hf_api().create_repo(repo_id, private=private, token=token, exist_ok=exist_ok).repo_id
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, max_shard_size=max_shard_size)
             if tokenizer is not None:
                 tokenizer.save_pretrained(folder)
-            if tags:
-                write_card(render_model_card(self, tags=tags), folder)
-            return push_folder(
+            write_card(fill_repo_id(render_model_card(self, tags=tags), repo_id), folder)
+            return self._upload_modified_files(
                 folder,
                 repo_id,
-                private=private,
-                token=token,
-                revision=revision,
-                exist_ok=exist_ok,
-                create_pr=create_pr,
+                files_timestamps={},
                 commit_message=commit_message or "Upload any-shape model",
+                token=token,
+                create_pr=create_pr,
+                revision=revision,
                 commit_description=commit_description,
             )
 
@@ -478,18 +480,26 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         return model.to(dtype)
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained` with a clear error for a corrupt or truncated weight file."""
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        except Exception as error:
-            if type(error).__name__ == "SafetensorError" or "deserializ" in str(error).lower():
-                raise OSError(
-                    f"The weights of {pretrained_model_name_or_path} are corrupt or truncated ({error}). "
-                    "Re-download the checkpoint or save it again."
-                ) from error
-            raise
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained` that refuses a checkpoint it would otherwise load wrongly without a word.
 
+        Before loading, each weight file is checked against the sha256 recorded when it was saved (or, for checkpoints
+        without that record, for truncation): `CorruptWeightsError`, an OSError. After loading, weights that config.json
+        expects but the checkpoint lacks, or holds but config.json does not describe, raise `CheckpointMismatchError`,
+        a ValueError. A caller passing `output_loading_info=True` gets the stock `(model, loading_info)` instead of that
+        second check, and judges the loading info itself.
+        """
+        return_loading_info = kwargs.pop("output_loading_info", False)
+        from_files = kwargs.get("state_dict") is None and not kwargs.get("gguf_file")
+        if pretrained_model_name_or_path is not None and from_files:
+            verify_weight_files(pretrained_model_name_or_path, kwargs)
+        model, loading_info = super().from_pretrained(
+            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+        )
+        if return_loading_info:
+            return model, loading_info
+        check_loading_info(pretrained_model_name_or_path, model.state_dict().keys(), loading_info)
+        return model
 
 __all__ = [
     "SUPPORTED_SOURCE_TYPES",

@@ -19,7 +19,7 @@ import torch
 from transformers import TrainerCallback
 
 from ..evaluation.scoring import perplexity
-from ..modeling.atomic_io import atomic_directory, ensure_free_output_dir
+from ..io import ensure_free_output_dir, save_checkpoint, staged_checkpoint
 from ..selection.calibrate import CalibrationSettings, calibrate
 from ..training.finetune import FinetuneSettings, finetune
 from ..training.self_generated import SEED_INSTRUCTIONS, generate_self_data
@@ -172,9 +172,7 @@ def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data
         log(f"1/5 convert {model or 'embedded SmolLM2-135M-Instruct'}")
         step = time.perf_counter()
         base, tokenizer = load_or_convert(model, min_depth=min_depth)
-        with atomic_directory(converted) as staging:
-            base.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
+        save_checkpoint(base, tokenizer, converted)
         timings["convert"] = time.perf_counter() - step
     base, tokenizer = load_or_convert(str(converted))
 
@@ -213,10 +211,7 @@ def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data
         )
         report = calibrate(base, tokenizer, calibration, state_dir=work / "calibrate-state",
                            on_progress=_fault("calibrate"))
-        with atomic_directory(calibrated) as staging:
-            base.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (Path(staging) / "calibration.json").write_text(json.dumps(asdict(report), indent=2))
+        save_checkpoint(base, tokenizer, calibrated, files={"calibration.json": json.dumps(asdict(report), indent=2)})
         timings["calibrate"] = time.perf_counter() - step
     model_obj, tokenizer = load_or_convert(str(calibrated))
     shapes = eval_shapes(model_obj.shape_space)
@@ -242,18 +237,12 @@ def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data
     rows = baseline + trained
     report = {"preset": preset, "settings": asdict(settings), "model": model or "embedded SmolLM2-135M-Instruct",
               "eval_data": eval_data, "rows": rows, "seconds": time.perf_counter() - started, "step_seconds": timings}
-    with atomic_directory(out) as staging:
-        model_obj.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        eval_rows = [{"depth": r["depth"], "width": r["width"], "held-out ppl": round(r["perplexity"], 3),
-                      "prefill tok/s": round(r["prefill_tokens_per_s"], 1)} for r in trained]
-        (Path(staging) / "amoeba_eval.json").write_text(json.dumps(eval_rows, indent=2))
-        from ..modeling.model_card import refresh_model_card
-
-        refresh_model_card(model_obj, staging)
-        (Path(staging) / "build_report.json").write_text(json.dumps(report, indent=2))
-        plot(rows, Path(staging) / "frontier.png")
-        shutil.copy(work / "build.log", Path(staging) / "build.log")
+    eval_rows = [{"depth": r["depth"], "width": r["width"], "held-out ppl": round(r["perplexity"], 3),
+                  "prefill tok/s": round(r["prefill_tokens_per_s"], 1)} for r in trained]
+    files = {"amoeba_eval.json": json.dumps(eval_rows, indent=2), "build_report.json": json.dumps(report, indent=2)}
+    with staged_checkpoint(model_obj, tokenizer, out, files) as staging:
+        plot(rows, staging / "frontier.png")
+        shutil.copy(work / "build.log", staging / "build.log")
     shutil.rmtree(work, ignore_errors=True)
     return report
 

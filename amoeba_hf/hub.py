@@ -11,7 +11,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import httpx
 
-from .model_card import CARD_FILE, fill_repo_id
+from .modeling.model_card import CARD_FILE, fill_repo_id
 
 
 class HubPushError(OSError):
