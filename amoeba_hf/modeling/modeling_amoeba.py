@@ -343,18 +343,21 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         finally:
             self.set_shape(*previous)
 
-    def export_subnet(self, depth: int | None = None, width: float | None = None) -> PreTrainedModel:
+    def export_subnet(
+        self, depth: int | None = None, width: float | None = None, merge: bool = True
+    ) -> PreTrainedModel:
         """A physically smaller copy of one shape (default: the current one), independent of this model.
 
         Uniform widths become the source family's stock class (e.g. `LlamaForCausalLM`), loadable without
         remote code. Shapes a stock config cannot express (per-layer widths, compensation biases where the
         family has no output bias) become a static `AmoebaForCausalLM` with per-layer sizes; the reason is logged.
+        `merge=False` leaves the shape's SMoL LoRA out (the base weights only), for a separate adapter.
         """
         shape = Shape(*self.shape_space.validate(
             self.shape.depth if depth is None else depth, self.shape.width if width is None else width
         ))
         with self.shaped(*shape):
-            return build_subnet(self, type(self))
+            return build_subnet(self, type(self), merge)
 
     def enable_smol(
         self,

@@ -126,8 +126,8 @@ def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_
     return type(config)(**fields)
 
 
-def _active_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
-    """The current shape's weights (LoRA merged) under the key names of a compact Llama state dict."""
+def _active_tensors(model: PreTrainedModel, merge: bool) -> dict[str, torch.Tensor]:
+    """The current shape's weights (LoRA merged if `merge`) under the key names of a compact Llama state dict."""
     inner = model.model
     inner.route(deterministic=True)
     tensors = {"model.embed_tokens.weight": inner.embed_tokens.weight, "model.norm.weight": inner.norm.weight}
@@ -138,14 +138,14 @@ def _active_tensors(model: PreTrainedModel) -> dict[str, torch.Tensor]:
         tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
         for name, module in layer.named_modules():
             if hasattr(module, "merged_weight"):
-                tensors[f"{prefix}{name}.weight"] = module.merged_weight()
+                tensors[f"{prefix}{name}.weight"] = module.merged_weight() if merge else module.active_weight()
                 bias = module.active_bias()
                 if bias is not None:
                     tensors[f"{prefix}{name}.bias"] = bias
     return tensors
 
 
-def build_subnet(model: PreTrainedModel, amoeba_class: type) -> PreTrainedModel:
+def build_subnet(model: PreTrainedModel, amoeba_class: type, merge: bool = True) -> PreTrainedModel:
     """Physically sliced copy of `model` at its current shape (see `AmoebaForCausalLM.export_subnet`)."""
     config = model.config
     depth = model.shape.depth
@@ -168,7 +168,7 @@ def build_subnet(model: PreTrainedModel, amoeba_class: type) -> PreTrainedModel:
         build = lambda: amoeba_class(target_config).to(model.dtype)
     with init.no_init_weights():
         target = build()
-    source = _active_tensors(model)
+    source = _active_tensors(model, merge)
     with torch.no_grad():
         for key, tensor in target.state_dict().items():
             if key in source:
