@@ -335,6 +335,24 @@ def test_card_metadata_is_what_huggingface_hub_writes_and_reads(tmp_path):
     assert card.data.license == "other: see LICENSE" and card.data.base_model is None
 
 
+def test_staged_checkpoint_card_shows_the_files_written_with_it_and_a_failure_leaves_nothing(tmp_path):
+    from amoeba_hf.io import save_checkpoint, staged_checkpoint
+
+    model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
+    rows = json.dumps([{"depth": 4, "width": 0.75, "ppl": 35.25}])
+    with staged_checkpoint(model, tiny_tokenizer(), tmp_path / "out", {EVAL_FILE: rows}) as staging:
+        (staging / "extra.txt").write_text("written inside")
+    names = {path.name for path in (tmp_path / "out").iterdir()}
+    assert {EVAL_FILE, "extra.txt", "model.safetensors", "tokenizer.json", "README.md"} <= names
+    assert "## Evaluation" in (tmp_path / "out" / "README.md").read_text()
+
+    with pytest.raises(RuntimeError, match="interrupted"), staged_checkpoint(model, tiny_tokenizer(), tmp_path / "failed"):
+        raise RuntimeError("interrupted")
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        save_checkpoint(model, tiny_tokenizer(), tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
 @pytest.mark.parametrize("smol", [None, {"exact_full_shape": True}, {"exact_full_shape": False}],
                          ids=["no-experts", "exact-full-shape", "experts-everywhere"])
 def test_card_says_whether_the_full_shape_is_the_source_model(smol):

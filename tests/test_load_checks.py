@@ -159,7 +159,8 @@ def test_checkpoint_missing_some_of_its_experts_is_refused(tmp_path):
     del weights["model.layers.3.mlp.up_proj.lora_B"]
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     (tmp_path / WEIGHT_HASHES_FILE).unlink()
-    with pytest.raises(CheckpointMismatchError, match=r"1 weights the config expects .*\(model\.layers\.3\.mlp\.up_proj"):
+    missing = r"1 weights the config expects .*\(model\.layers\.3\.mlp\.up_proj\.lora_B\)"
+    with pytest.raises(CheckpointMismatchError, match=missing):
         AmoebaForCausalLM.from_pretrained(tmp_path)
 
 
@@ -171,3 +172,11 @@ def test_resaving_over_an_older_checkpoint_records_the_new_hashes(checkpoints, t
     AmoebaForCausalLM.from_pretrained(checkpoints / "intact").save_pretrained(folder)
     assert (folder / WEIGHT_HASHES_FILE).read_bytes() == (checkpoints / "intact" / WEIGHT_HASHES_FILE).read_bytes()
     AmoebaForCausalLM.from_pretrained(folder)
+
+
+def test_unreadable_hash_record_is_refused(checkpoints, tmp_path):
+    folder = tmp_path / "bad-record"
+    shutil.copytree(checkpoints / "intact", folder)
+    (folder / WEIGHT_HASHES_FILE).write_text('["model.safetensors"]')
+    with pytest.raises(CorruptWeightsError, match=f"{WEIGHT_HASHES_FILE} of .*bad-record is not a JSON object"):
+        AmoebaForCausalLM.from_pretrained(folder)

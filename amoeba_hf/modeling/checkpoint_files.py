@@ -83,11 +83,13 @@ def verify_weight_files(source: str | os.PathLike, load_kwargs: dict) -> None:
     if record is not None:
         try:
             hashes = json.loads(Path(record).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        except ValueError:
+            hashes = None
+        if not isinstance(hashes, dict):
             raise CorruptWeightsError(
-                f"{WEIGHT_HASHES_FILE} of {source} is not valid JSON ({error}); re-download the checkpoint or save it "
-                "again"
-            ) from error
+                f"{WEIGHT_HASHES_FILE} of {source} is not a JSON object of file names and sha256 digests; re-download "
+                "the checkpoint or save it again"
+            )
         for name, expected in hashes.items():
             if file_sha256(_require(locate, name, source, WEIGHT_HASHES_FILE)) != expected:
                 raise CorruptWeightsError(
@@ -111,10 +113,11 @@ def check_loading_info(source: str | os.PathLike, expected_keys: Iterable[str], 
         members = {key for key in expected if group(key)}
         if members and members <= missing:
             missing -= members
+    mismatched = {_key_name(key) for key in loading_info.get("mismatched_keys", ())}
     problems = [
         (missing, "weights the config expects are missing from the checkpoint"),
         (set(loading_info.get("unexpected_keys", ())), "weights in the checkpoint are not part of the config's model"),
-        ({_key_name(key) for key in loading_info.get("mismatched_keys", ())}, "weights have another shape in the checkpoint than in the config"),
+        (mismatched, "weights have another shape in the checkpoint than in the config"),
     ]
     described = [f"{len(keys)} {what} ({_summary(keys)})" for keys, what in problems if keys]
     if described:
