@@ -35,8 +35,8 @@ from amoeba_hf.deploy.profile import (
     save_profile,
     time_set_shape,
 )
-from amoeba_hf.evaluation.runner import shape_key
 from amoeba_hf.io import write_text_atomically
+from amoeba_hf.modeling.shape_space import shape_key
 
 DEPTH_TARGET = 0.85  # exported decode speed-up / ideal, depth-only shapes
 WIDTH_TARGET = 0.7  # the same for shapes with width < 1

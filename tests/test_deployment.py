@@ -33,7 +33,7 @@ from amoeba_hf.deploy.search import (
     search_shape,
     stored_quality,
 )
-from amoeba_hf.evaluation.runner import shape_key
+from amoeba_hf.modeling.shape_space import shape_key
 
 SETTINGS = ProfileSettings(prompt_lengths=(8, 16), batch_sizes=(1, 2), new_tokens=4)
 SETTINGS_ARGS = ["--prompt-lengths", "8,16", "--batch-sizes", "1,2", "--new-tokens", "4", "--threads", "1"]

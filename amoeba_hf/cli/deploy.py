@@ -79,7 +79,7 @@ def _register_profile(commands: argparse._SubParsersAction) -> None:
 
 def _cmd_profile(args: argparse.Namespace) -> None:
     from ..deploy.profile import format_profile, profile_checkpoint
-    from ..evaluation.runner import parse_shapes
+    from ..modeling.shape_space import parse_shapes
 
     settings = _profile_settings(args)
     model = _load_for_profiling(args)
@@ -133,7 +133,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         search_checkpoint,
         stored_quality,
     )
-    from ..evaluation.runner import parse_shapes
+    from ..modeling.shape_space import parse_shapes
 
     max_params = None if args.max_params is None else _parse_count(args.max_params)
     budget = Budget(args.max_latency_ms, args.min_tokens_per_s, args.max_memory_gb, max_params)

@@ -38,7 +38,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from ..evaluation.report import format_table, plot_frontier, write_csv
-    from ..evaluation.runner import EvalSettings, evaluate_shapes, parse_shapes
+    from ..evaluation.runner import EvalSettings, evaluate_shapes
+    from ..modeling.shape_space import parse_shapes
 
     if not Path(args.data_dir).is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder")

@@ -35,7 +35,7 @@ def _register_shapes(commands: argparse._SubParsersAction) -> None:
 def _cmd_shapes(args: argparse.Namespace) -> None:
     model = load_checkpoint(args.model_dir)
     space = model.shape_space
-    full = space.parameter_count(space.num_layers, 1.0)
+    full = space.parameter_count(*space.full_shape)
     print(f"{'depth':>5} {'width':>6} {'parameters':>12} {'ratio':>6}  layers")
     for depth, width in space.grid():
         count = space.parameter_count(depth, width)

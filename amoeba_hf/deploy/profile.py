@@ -26,8 +26,8 @@ import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 
-from ..evaluation.runner import shape_key
 from ..io import write_text_atomically
+from ..modeling.shape_space import shape_key
 
 PROFILE_FILE = "amoeba_profile.json"
 PROFILE_FORMAT = 1
@@ -208,14 +208,12 @@ def time_decode(model: PreTrainedModel, cache: Cache, next_tokens: torch.Tensor,
 def time_set_shape(model: PreTrainedModel, shapes: list[tuple[int, float]], switches: int = 100) -> list[float]:
     """Milliseconds of each of `switches` shape switches, cycling through `shapes`, after one untimed switch (the
     first builds the cached shape space); the shape is restored after."""
-    previous = model.shape
-    model.set_shape(*shapes[-1])
     times = []
-    for index in range(switches):
-        start = time.perf_counter()
-        model.set_shape(*shapes[index % len(shapes)])
-        times.append((time.perf_counter() - start) * 1e3)
-    model.set_shape(*previous)
+    with model.shaped(*shapes[-1]):
+        for index in range(switches):
+            start = time.perf_counter()
+            model.set_shape(*shapes[index % len(shapes)])
+            times.append((time.perf_counter() - start) * 1e3)
     return times
 
 
@@ -340,7 +338,7 @@ def profile_shapes(
         for batch in settings.batch_sizes for length in settings.prompt_lengths
     }
     prompts = {key: ids.to(model.device) for key, ids in prompts.items()}
-    previous, results = model.shape, {}
+    results = {}
     for group in _groups(model, shapes, "exported" in modes):
         subnets = {}
         if "exported" in modes:
@@ -349,11 +347,8 @@ def profile_shapes(
         for repetition in range(repeats + 1):
             for shape in group:
                 for mode in modes:
-                    if mode == "exported":
-                        target = subnets[shape]
-                    else:
-                        target = model.set_shape(*shape)
-                    _run_workload(target, prompts, settings, samples[shape, mode], measure_memory=repetition == 0)
+                    with nullcontext(subnets[shape]) if mode == "exported" else model.shaped(*shape) as target:
+                        _run_workload(target, prompts, settings, samples[shape, mode], measure_memory=repetition == 0)
             if progress is not None:
                 progress(f"profiled {len(group)} shapes: {'warm-up' if repetition == 0 else 'repetition'} "
                          f"{repetition}/{repeats} done")
@@ -371,7 +366,6 @@ def profile_shapes(
                     repeats=repeats,
                 )
         del subnets
-    model.set_shape(*previous)
     return results
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..evaluation.report import LOWER_IS_BETTER, headline_columns, metric_columns
-from ..evaluation.runner import EvalSettings, evaluate_shapes, shape_key
+from ..evaluation.runner import EvalSettings, evaluate_shapes
 from ..evaluation.tasks import task_label
+from ..modeling.shape_space import shape_key
 from .profile import MODES, DeviceProfile, ProfileSettings, profile_checkpoint
 
 QUICK_EVAL_FILE = "amoeba_quick_eval.json"

@@ -5,7 +5,6 @@ results file written with other settings is refused rather than mixed.
 """
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -14,10 +13,9 @@ from pathlib import Path
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..io import write_text_atomically
+from ..modeling.shape_space import shape_key
 from .scoring import encode_task, score_task
 from .tasks import load_task, task_label
-
-SHAPE_PATTERN = re.compile(r"(\d+)x(\d*\.?\d+)")
 
 
 @dataclass(frozen=True)
@@ -31,25 +29,6 @@ class EvalSettings:
     ppl_window: int = 2048
     ppl_stride: int | None = None
     ppl_tokens: int | None = None
-
-
-def shape_key(depth: int, width: float) -> str:
-    return f"{depth}x{width:g}"
-
-
-def parse_shapes(spec: str, space) -> list[tuple[int, float]]:
-    """`grid` (the model's training grid) or comma-separated DEPTHxWIDTH, e.g. `30x1,24x0.75`; each validated."""
-    if spec.strip() == "grid":
-        return list(space.grid())
-    shapes = []
-    for part in filter(None, (p.strip() for p in spec.split(","))):
-        match = SHAPE_PATTERN.fullmatch(part)
-        if match is None:
-            raise ValueError(f"shape {part!r} must be DEPTHxWIDTH (e.g. 24x0.75) or the word 'grid'")
-        shapes.append(space.validate(int(match.group(1)), float(match.group(2))))
-    if not shapes:
-        raise ValueError("no shapes given; pass e.g. --shapes 30x1,24x0.75 or --shapes grid")
-    return list(dict.fromkeys(shapes))
 
 
 def _load_results(out: Path, header: dict) -> dict:
@@ -97,14 +76,13 @@ def evaluate_shapes(
         )
         for name in dict.fromkeys(tasks)
     }
-    space, previous = model.shape_space, model.shape
-    try:
-        for depth, width in shapes:
-            key = shape_key(depth, width)
-            entry = results["shapes"].setdefault(key, {
-                "depth": depth, "width": width, "parameters": space.parameter_count(depth, width), "tasks": {},
-            })
-            model.set_shape(depth, width)
+    space = model.shape_space
+    for depth, width in shapes:
+        key = shape_key(depth, width)
+        entry = results["shapes"].setdefault(key, {
+            "depth": depth, "width": width, "parameters": space.parameter_count(depth, width), "tasks": {},
+        })
+        with model.shaped(depth, width):
             for label, task in encoded.items():
                 if label in entry["tasks"]:
                     continue
@@ -115,9 +93,7 @@ def evaluate_shapes(
                 entry["tasks"][label] = metrics
                 if out is not None:
                     write_text_atomically(out, json.dumps(results, indent=2) + "\n")
-    finally:
-        model.set_shape(*previous)
     return results
 
 
-__all__ = ["EvalSettings", "evaluate_shapes", "parse_shapes", "shape_key"]
+__all__ = ["EvalSettings", "evaluate_shapes"]

@@ -160,7 +160,7 @@ def _shape_space_section(model) -> str:
 
 
 def _parameters_section(space) -> str:
-    full = space.parameter_count(space.num_layers, 1.0)
+    full = space.parameter_count(*space.full_shape)
     widths = space.width_grid
     header = "| depth | dropped layers | " + " | ".join(f"width {w:g}" for w in widths) + " |"
     rule = "|---:|---|" + "---:|" * len(widths)

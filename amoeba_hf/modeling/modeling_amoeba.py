@@ -7,9 +7,10 @@ directly, and every shape computes exactly what a physically pruned `LlamaForCau
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,15 +42,12 @@ from .configuration_amoeba import SMOL_TARGETS, SUPPORTED_SOURCE_TYPES, AmoebaCo
 from .elastic_linear import ElasticLinear
 from .model_card import fill_repo_id, read_eval_rows, render_model_card, write_card
 from .shape_router import ShapeRouter
-from .shape_space import GlobalWidthAllocator, LayerWidth, ShapeSpace, full_layer_sizes
+from .shape_space import GlobalWidthAllocator, LayerWidth, Shape, ShapeSpace, full_layer_sizes
 from .subnet_export import amoeba_config_from_source, build_subnet
 
 logger = logging.get_logger(__name__)
 
-
-class Shape(NamedTuple):
-    depth: int
-    width: float
+SHAPE_SPACE_KEYS = ("depth_table", "min_depth", "min_width", "width_grid", "width_mode", "bias_compensation")
 
 
 def elastic_linear(config: AmoebaConfig, name: str, in_features: int, out_features: int, bias: bool,
@@ -60,6 +58,28 @@ def elastic_linear(config: AmoebaConfig, name: str, in_features: int, out_featur
         in_features, out_features, bias=bias, track_input_mean=track_input_mean, experts=experts,
         rank=config.smol_rank, alpha=config.smol_alpha, dropout=config.smol_dropout,
     )
+
+
+def _permute_rows(linear: ElasticLinear, order: torch.Tensor, block: int) -> None:
+    """Reorder the output rows (weight and bias) of `linear` in blocks of `block` rows."""
+    weight = linear.weight.data
+    linear.weight.data = weight.view(-1, block, weight.shape[1])[order].reshape_as(weight).contiguous()
+    if linear.bias is not None:
+        linear.bias.data = linear.bias.data.view(-1, block)[order].reshape(-1).contiguous()
+
+
+def _permute_columns(linear: ElasticLinear, order: torch.Tensor, block: int) -> None:
+    """Reorder the input columns of `linear` in blocks of `block` columns."""
+    weight = linear.weight.data
+    linear.weight.data = weight.view(weight.shape[0], -1, block)[:, order].reshape_as(weight).contiguous()
+
+
+def _store_calibration(module: nn.Module, name: str, value: torch.Tensor | None) -> None:
+    """Keep a calibration result as a float32 buffer, so the checkpoint carries it; `None` removes it."""
+    if value is not None:
+        module.register_buffer(name, value.to(torch.float32).contiguous())
+    elif name in module._buffers:
+        delattr(module, name)
 
 
 class AmoebaMLP(LlamaMLP):
@@ -83,6 +103,17 @@ class AmoebaMLP(LlamaMLP):
         self.gate_proj.set_active(active_out=neurons)
         self.up_proj.set_active(active_out=neurons)
         self.down_proj.set_active(active_in=neurons)
+
+    def permute_neurons(
+        self, order: torch.Tensor, input_mean: torch.Tensor | None, importance: torch.Tensor | None
+    ) -> None:
+        """Put neuron `order[i]` at position i (the MLP's function is unchanged); `input_mean` (down_proj's input
+        means, for bias compensation) and `importance` (global widths) are stored reordered, or removed if None."""
+        _permute_rows(self.gate_proj, order, 1)
+        _permute_rows(self.up_proj, order, 1)
+        _permute_columns(self.down_proj, order, 1)
+        _store_calibration(self.down_proj, "input_mean", None if input_mean is None else input_mean[order])
+        _store_calibration(self, "neuron_importance", None if importance is None else importance[order])
 
 
 class AmoebaAttention(LlamaAttention):
@@ -116,6 +147,21 @@ class AmoebaAttention(LlamaAttention):
         self.k_proj.set_active(active_out=kv_dim)
         self.v_proj.set_active(active_out=kv_dim)
         self.o_proj.set_active(active_in=query_dim)
+
+    def permute_groups(
+        self, order: torch.Tensor, input_mean: torch.Tensor | None, importance: torch.Tensor | None
+    ) -> None:
+        """Put KV group `order[i]` (with its query heads) at position i (the function is unchanged); `input_mean`
+        (o_proj's input means, for bias compensation) and `importance` (global widths) are stored reordered, or
+        removed if None."""
+        group_dim = self.num_key_value_groups * self.head_dim
+        _permute_rows(self.q_proj, order, group_dim)
+        _permute_rows(self.k_proj, order, self.head_dim)
+        _permute_rows(self.v_proj, order, self.head_dim)
+        _permute_columns(self.o_proj, order, group_dim)
+        input_mean = None if input_mean is None else input_mean.view(-1, group_dim)[order].reshape(-1)
+        _store_calibration(self.o_proj, "input_mean", input_mean)
+        _store_calibration(self, "group_importance", None if importance is None else importance[order])
 
 
 class AmoebaDecoderLayer(LlamaDecoderLayer):
@@ -152,6 +198,17 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
             init.zeros_(module.lora_B)
 
 
+@dataclass
+class LayerInputs:
+    """What every decoder layer of one forward pass receives besides the hidden states (see `prepare_inputs`)."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    position_ids: torch.LongTensor
+    layer_kwargs: dict[str, Any]
+
+
 class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
     """Decoder stack that runs only the layers of the current shape, each at its current width."""
 
@@ -169,7 +226,7 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         self.shape_router = self._new_router(config) if config.smol_experts else None
         self._shape_space: ShapeSpace | None = None
         self._shape = Shape(config.num_hidden_layers, 1.0)
-        self._active_layers: list[AmoebaDecoderLayer] = list(self.layers)
+        self._active_layers: tuple[AmoebaDecoderLayer, ...] = tuple(self.layers)
         self._expert_linears = self._collect_expert_linears()
         self.post_init()
 
@@ -199,7 +256,7 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         `None` at the full shape of a `smol_exact_full_shape` model, which runs the base weights only."""
         if self.shape_router is None:
             return
-        if self.config.smol_exact_full_shape and self._shape == Shape(self.config.num_hidden_layers, 1.0):
+        if self.config.smol_exact_full_shape and self._shape == self.shape_space.full_shape:
             gates = None
         else:
             gates = self.shape_router.deterministic_gates() if deterministic else self.shape_router()
@@ -210,23 +267,79 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
     def shape_space(self) -> ShapeSpace:
         if self._shape_space is None:
             allocator = None
-            if self.config.width_mode == "global":
-                allocator = GlobalWidthAllocator(
-                    self.config,
-                    [layer.self_attn.group_importance for layer in self.layers],
-                    [layer.mlp.neuron_importance for layer in self.layers],
-                )
+            group_scores = [getattr(layer.self_attn, "group_importance", None) for layer in self.layers]
+            neuron_scores = [getattr(layer.mlp, "neuron_importance", None) for layer in self.layers]
+            if self.config.width_mode == "global" and None not in group_scores + neuron_scores:
+                allocator = GlobalWidthAllocator(self.config, group_scores, neuron_scores)
             self._shape_space = ShapeSpace(self.config, allocator)
         return self._shape_space
 
     def reset_shape_space(self) -> None:
-        """Rebuild the shape space after the config's tables or the importance buffers changed."""
+        """Rebuild the shape space after the config's tables or the importance buffers changed; back to full shape."""
         self._shape_space = None
-        self.set_shape(self.config.num_hidden_layers, 1.0)
+        self.set_shape(*self.shape_space.full_shape)
+
+    def update_shape_space(self, **changes: Any) -> None:
+        """Set Stage-1 results in the config (keys: `SHAPE_SPACE_KEYS`), validated together, and rebuild the shape
+        space at the full shape. Invalid values raise a ValueError and leave the config as it was."""
+        unknown = sorted(set(changes) - set(SHAPE_SPACE_KEYS))
+        if unknown:
+            raise ValueError(f"update_shape_space cannot set {unknown}; valid keys: {', '.join(SHAPE_SPACE_KEYS)}")
+        previous = {key: getattr(self.config, key) for key in changes}
+        try:
+            for key, value in changes.items():
+                setattr(self.config, key, value)
+            self.config.validate_architecture()
+            self.reset_shape_space()
+        except Exception:
+            for key, value in previous.items():
+                setattr(self.config, key, value)
+            self.reset_shape_space()
+            raise
+
+    def permute_widths(
+        self,
+        group_orders: list[torch.Tensor],
+        neuron_orders: list[torch.Tensor],
+        input_means: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        importance: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
+        """Reorder every layer's KV groups and MLP neurons so that each width keeps a prefix (Stage 1).
+
+        The full model's function is unchanged. Per layer, `input_means` are the calibration means of the inputs of
+        o_proj and down_proj (bias compensation) and `importance` the scores of the groups and neurons (global
+        widths), both in the current order; they are stored reordered as buffers, so checkpoints carry them. `None`
+        removes them. The config's `bias_compensation` and `width_mode` follow, and the model is at full shape after.
+        """
+        if self.config.smol_experts:
+            raise ValueError("permute_widths must run before enable_smol: the LoRA experts would not be permuted")
+        named = {"group_orders": group_orders, "neuron_orders": neuron_orders, "input_means": input_means,
+                 "importance": importance}
+        for name, values in named.items():
+            if values is not None and len(values) != len(self.layers):
+                raise ValueError(f"{name} must have one entry per layer ({len(self.layers)}), got {len(values)}")
+        for index, layer in enumerate(self.layers):
+            attention_mean, mlp_mean = (None, None) if input_means is None else input_means[index]
+            group_scores, neuron_scores = (None, None) if importance is None else importance[index]
+            layer.self_attn.permute_groups(group_orders[index], attention_mean, group_scores)
+            layer.mlp.permute_neurons(neuron_orders[index], mlp_mean, neuron_scores)
+        self.update_shape_space(
+            width_mode="uniform" if importance is None else "global", bias_compensation=input_means is not None
+        )
 
     @property
     def shape(self) -> Shape:
         return self._shape
+
+    @property
+    def active_layers(self) -> tuple[AmoebaDecoderLayer, ...]:
+        """The decoder layers of the current shape, in order, each at its width and in its compact cache slot."""
+        return self._active_layers
+
+    def output_projections(self) -> list[tuple[ElasticLinear, ElasticLinear]]:
+        """Per layer, o_proj and down_proj: their input channels are the KV groups' and the neurons' outputs, where
+        width calibration measures importance."""
+        return [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in self.layers]
 
     def set_shape(self, depth: int, width: float = 1.0) -> None:
         """Activate a shape: pick the depth's layers (compact KV-cache slots) and slice each layer's width."""
@@ -238,7 +351,7 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
             layer.self_attn.layer_idx = slot
             layer.set_width(widths[index])
             active.append(layer)
-        self._active_layers = active
+        self._active_layers = tuple(active)
         self._shape = Shape(depth, width)
         self._expert_linears = self._collect_expert_linears()
         if self.shape_router is not None:
@@ -256,6 +369,53 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
                 "shapes: start from a new cache (generate() does this for you)."
             )
 
+    def prepare_inputs(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        **layer_kwargs,
+    ) -> LayerInputs:
+        """Embeddings, the mask (causal, or sliding-window when the config has a window), position ids and rotary
+        embeddings of one forward pass, exactly as `forward` builds them: tooling that runs layers one by one
+        (Stage 1) calls this and `run_layers` so that it cannot drift from the model."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
+        causal_mask = mask_function(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+        if self.config.sliding_window is not None:
+            layer_kwargs["sliding_window"] = self.config.sliding_window
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        return LayerInputs(inputs_embeds, causal_mask, position_embeddings, position_ids, {"cache": cache, **layer_kwargs})
+
+    def run_layers(
+        self, hidden_states: torch.Tensor, layers: Iterable[AmoebaDecoderLayer], inputs: LayerInputs
+    ) -> torch.Tensor:
+        """Apply `layers` in order with the shared inputs of one pass (`forward` passes the active layers)."""
+        for decoder_layer in layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=inputs.attention_mask,
+                position_embeddings=inputs.position_embeddings,
+                position_ids=inputs.position_ids,
+                **inputs.layer_kwargs,
+            )
+        return hidden_states
+
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
@@ -269,43 +429,15 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         use_cache: bool | None = None,
         **kwargs,
     ) -> BaseModelOutputWithPast:
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if cache is not None:
             self._check_cache(cache)
         self.route()
-        if position_ids is None:
-            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
-            position_ids = position_ids.unsqueeze(0)
-
-        mask_function = create_causal_mask if self.config.sliding_window is None else create_sliding_window_causal_mask
-        causal_mask = mask_function(
-            config=self.config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
+        inputs = self.prepare_inputs(
+            input_ids, inputs_embeds, attention_mask, position_ids, cache, use_cache=use_cache, **kwargs
         )
-        if self.config.sliding_window is not None:
-            kwargs["sliding_window"] = self.config.sliding_window
-
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-        for decoder_layer in self._active_layers:
-            hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=causal_mask,
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                cache=cache,
-                use_cache=use_cache,
-                **kwargs,
-            )
+        hidden_states = self.run_layers(inputs.inputs_embeds, self._active_layers, inputs)
         hidden_states = self.norm(hidden_states)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache)
 
@@ -332,6 +464,10 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         """Switch to a shape in place (no weight copies); returns the model for chaining."""
         self.model.set_shape(depth, width)
         return self
+
+    def update_shape_space(self, **changes: Any) -> None:
+        """Set Stage-1 results in the config, validated, and rebuild the shape space (see `AmoebaModel`)."""
+        self.model.update_shape_space(**changes)
 
     @contextmanager
     def shaped(self, depth: int, width: float = 1.0) -> Iterator["AmoebaForCausalLM"]:
@@ -509,5 +645,6 @@ __all__ = [
     "AmoebaForCausalLM",
     "AmoebaModel",
     "AmoebaPreTrainedModel",
+    "LayerInputs",
     "Shape",
 ]

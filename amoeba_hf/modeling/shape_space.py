@@ -1,14 +1,26 @@
-"""The shape space: which layers a depth keeps, how many KV groups and neurons a width keeps, and what it costs.
+"""The shape vocabulary: what a shape is, how it is written ("DEPTHxWIDTH"), which layers a depth keeps, how many
+KV groups and neurons a width keeps, and what it costs.
 
 Pure functions of the config (plus, for global widths, per-layer importance scores), so that training, export,
 evaluation and deployment code agree on what a shape is without touching weights.
 """
 
 import math
+import re
 from dataclasses import dataclass
 from numbers import Real
+from typing import NamedTuple
 
 import torch
+
+SHAPE_PATTERN = re.compile(r"(\d+)x(\d*\.?\d+)")
+
+
+class Shape(NamedTuple):
+    """A subnet: `depth` decoder layers (which ones: the depth table), `width` the fraction of their parameters."""
+
+    depth: int
+    width: float
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,11 @@ class ShapeSpace:
             raise ValueError("width_mode='global' needs calibrated importance scores (run Stage-1 calibration)")
 
     @property
+    def full_shape(self) -> Shape:
+        """Every layer at full width: the converted source model itself."""
+        return Shape(self.num_layers, 1.0)
+
+    @property
     def depths(self) -> list[int]:
         return sorted((int(d) for d in self.depth_table), reverse=True)
 
@@ -149,10 +166,6 @@ class ShapeSpace:
             return self._allocator.layer_widths(width, kept)
         return {i: uniform_layer_width(self.full_sizes[i], width) for i in kept}
 
-    def is_uniform(self, depth: int, width: float) -> bool:
-        """Whether every kept layer has the same size (then a plain family config can express the shape)."""
-        return len(set(self.layer_widths(depth, width).values())) == 1
-
     def parameter_count(self, depth: int, width: float) -> int:
         """Parameters of the physically sliced subnet (embeddings and head included, tied weights once)."""
         config = self._config
@@ -168,4 +181,33 @@ class ShapeSpace:
         return [(d, w) for d in self.depths for w in self.width_grid]
 
 
-__all__ = ["GlobalWidthAllocator", "LayerWidth", "ShapeSpace", "default_depth_table", "uniform_layer_width"]
+def shape_key(depth: int, width: float) -> str:
+    """The "DEPTHxWIDTH" spelling of a shape (e.g. `24x0.75`), used in result files, profiles and on the command line."""
+    return f"{depth}x{width:g}"
+
+
+def parse_shapes(spec: str, space: ShapeSpace) -> list[tuple[int, float]]:
+    """`grid` (the model's training grid) or comma-separated DEPTHxWIDTH, e.g. `30x1,24x0.75`; each validated."""
+    if spec.strip() == "grid":
+        return list(space.grid())
+    shapes = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        match = SHAPE_PATTERN.fullmatch(part)
+        if match is None:
+            raise ValueError(f"shape {part!r} must be DEPTHxWIDTH (e.g. 24x0.75) or the word 'grid'")
+        shapes.append(space.validate(int(match.group(1)), float(match.group(2))))
+    if not shapes:
+        raise ValueError("no shapes given; pass e.g. --shapes 30x1,24x0.75 or --shapes grid")
+    return list(dict.fromkeys(shapes))
+
+
+__all__ = [
+    "GlobalWidthAllocator",
+    "LayerWidth",
+    "Shape",
+    "ShapeSpace",
+    "default_depth_table",
+    "parse_shapes",
+    "shape_key",
+    "uniform_layer_width",
+]

@@ -132,7 +132,7 @@ def _active_tensors(model: PreTrainedModel, merge: bool) -> dict[str, torch.Tens
     inner.route(deterministic=True)
     tensors = {"model.embed_tokens.weight": inner.embed_tokens.weight, "model.norm.weight": inner.norm.weight}
     tensors["lm_head.weight"] = model.lm_head.weight
-    for slot, layer in enumerate(inner._active_layers):
+    for slot, layer in enumerate(inner.active_layers):
         prefix = f"model.layers.{slot}."
         tensors[prefix + "input_layernorm.weight"] = layer.input_layernorm.weight
         tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
@@ -151,7 +151,7 @@ def build_subnet(model: PreTrainedModel, amoeba_class: type, merge: bool = True)
     depth = model.shape.depth
     layer_widths = model.shape_space.layer_widths(*model.shape)
     sizes = [layer_widths[i] for i in sorted(layer_widths)]
-    layers = model.model._active_layers
+    layers = model.model.active_layers
     attention_out_bias = any(layer.self_attn.o_proj.compensation is not None for layer in layers)
     mlp_out_bias = any(layer.mlp.down_proj.compensation is not None for layer in layers)
     try:

@@ -99,7 +99,7 @@ def eval_shapes(space) -> list[tuple[int, float]]:
     """Full shape plus three smaller ones spread over the shape space (about 85%, 70% and the smallest)."""
     depths = space.depths
     pick = lambda fraction: min(depths, key=lambda d: abs(d - fraction * space.num_layers))
-    shapes = [(space.num_layers, 1.0), (pick(0.9), 0.875), (pick(0.75), 0.75), (min(depths), space.min_width)]
+    shapes = [space.full_shape, (pick(0.9), 0.875), (pick(0.75), 0.75), (min(depths), space.min_width)]
     return list(dict.fromkeys(shapes))
 
 
@@ -118,14 +118,13 @@ def evaluate(model, eval_ids: torch.Tensor, shapes, label: str) -> list[dict]:
     rows = []
     window = min(256, len(eval_ids))
     for depth, width in shapes:
-        model.set_shape(depth, width)
-        rows.append({
-            "depth": depth, "width": width, "model": label,
-            "parameters": model.shape_space.parameter_count(depth, width),
-            "perplexity": perplexity(model, eval_ids, window=window, batch_size=4)["ppl"],
-            "prefill_tokens_per_s": prefill_tokens_per_s(model, eval_ids[None, :window]),
-        })
-    model.set_shape(model.shape_space.num_layers, 1.0)
+        with model.shaped(depth, width):
+            rows.append({
+                "depth": depth, "width": width, "model": label,
+                "parameters": model.shape_space.parameter_count(depth, width),
+                "perplexity": perplexity(model, eval_ids, window=window, batch_size=4)["ppl"],
+                "prefill_tokens_per_s": prefill_tokens_per_s(model, eval_ids[None, :window]),
+            })
     return rows
 
 

@@ -197,10 +197,8 @@ def calibrate(
         layer_forwards = runner.layer_forwards
     depth_seconds = time.perf_counter() - start
 
-    model.config.depth_table = table
-    model.config.min_depth = min_depth
+    shape_space = {"depth_table": table, "min_depth": min_depth}
     if settings.widths:
-        model.config.min_width = min(settings.widths)
-        model.config.width_grid = sorted(settings.widths, reverse=True)
-    model.model.reset_shape_space()
+        shape_space.update(min_width=min(settings.widths), width_grid=sorted(settings.widths, reverse=True))
+    model.update_shape_space(**shape_space)
     return CalibrationReport(table, evaluations, layer_forwards, depth_seconds, width_seconds, resumed)

@@ -10,49 +10,43 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers.masking_utils import create_causal_mask
 
+from ..modeling.modeling_amoeba import LayerInputs
 from .data import MultipleChoiceBatch
 
 SCORES = ("ppl", "kl", "mmlu")
 
 
 class LayerRunner:
-    """Runs any subset of the full-width decoder layers on calibration inputs, chunk by chunk, without a cache.
+    """Runs any subset of the decoder layers on calibration inputs, chunk by chunk, without a cache.
 
-    `cache_layer_inputs()` stores the full model's input to every layer (CPU, fp32: layers x samples x seq x
-    hidden floats) so a candidate can start at any layer. `layer_forwards` counts layer applications to the
-    whole calibration set, the cost unit reported against the naive DP.
+    Inputs, masks and rotary embeddings come from the model's own `prepare_inputs` and layers run through its
+    `run_layers`, so a candidate computes what the model does with those layers (sliding windows included).
+    `cache_layer_inputs()` stores the full model's input to every layer (layers x samples x seq x hidden floats)
+    so a candidate can start at any layer. `layer_forwards` counts layer applications to the whole calibration
+    set, the cost unit reported against the naive DP.
     """
 
     def __init__(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, chunk_size: int = 4):
         self.model = model
         self.inner = model.model
+        self.layers = list(self.inner.layers)
         self.inner.route(deterministic=True)
-        self.chunks = []
+        self.chunks: list[LayerInputs] = []
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], chunk_size):
-                ids = input_ids[start : start + chunk_size]
                 mask = None if attention_mask is None else attention_mask[start : start + chunk_size]
-                embeds = self.inner.embed_tokens(ids)
-                position_ids = torch.arange(ids.shape[1]).unsqueeze(0)
-                causal = create_causal_mask(
-                    config=model.config, inputs_embeds=embeds, attention_mask=mask, cache=None, position_ids=position_ids
-                )
-                rotary = self.inner.rotary_emb(embeds, position_ids=position_ids)
-                self.chunks.append({"embeds": embeds, "mask": causal, "rotary": rotary, "position_ids": position_ids})
+                self.chunks.append(self.inner.prepare_inputs(input_ids[start : start + chunk_size], attention_mask=mask))
         self.layer_inputs: list[list[torch.Tensor]] | None = None
         self.final_hidden: list[torch.Tensor] | None = None
         self.layer_forwards = 0
 
     @property
     def num_layers(self) -> int:
-        return len(self.inner.layers)
+        return len(self.layers)
 
-    def _apply(self, index: int, hidden: torch.Tensor, chunk: dict) -> torch.Tensor:
-        return self.inner.layers[index](
-            hidden, attention_mask=chunk["mask"], position_embeddings=chunk["rotary"], position_ids=chunk["position_ids"]
-        )
+    def _apply(self, index: int, hidden: torch.Tensor, chunk: LayerInputs) -> torch.Tensor:
+        return self.inner.run_layers(hidden, [self.layers[index]], chunk)
 
     def cache_layer_inputs(self) -> None:
         """One full forward storing every layer's input and the final normalised hidden states."""
@@ -60,7 +54,7 @@ class LayerRunner:
         self.final_hidden = []
         with torch.no_grad():
             for chunk in self.chunks:
-                hidden = chunk["embeds"]
+                hidden = chunk.inputs_embeds
                 for index in range(self.num_layers):
                     self.layer_inputs[index].append(hidden)
                     hidden = self._apply(index, hidden, chunk)
@@ -74,15 +68,13 @@ class LayerRunner:
         """
         if start > 0 and self.layer_inputs is None:
             raise RuntimeError("call cache_layer_inputs() before starting at a later layer")
+        kept = [self.layers[index] for index in range(start, self.num_layers) if index not in removed]
         outputs = []
         with torch.no_grad():
             for position, chunk in enumerate(self.chunks):
-                hidden = chunk["embeds"] if start == 0 else self.layer_inputs[start][position]
-                for index in range(start, self.num_layers):
-                    if index not in removed:
-                        hidden = self._apply(index, hidden, chunk)
-                outputs.append(self.inner.norm(hidden))
-        self.layer_forwards += sum(1 for index in range(start, self.num_layers) if index not in removed)
+                hidden = chunk.inputs_embeds if start == 0 else self.layer_inputs[start][position]
+                outputs.append(self.inner.norm(self.inner.run_layers(hidden, kept, chunk)))
+        self.layer_forwards += len(kept)
         return outputs
 
 

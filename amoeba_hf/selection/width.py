@@ -54,14 +54,13 @@ class ChannelStatistics:
 
 def collect_statistics(model, input_ids: torch.Tensor, chunk_size: int = 4, show_progress: bool = True) -> dict:
     """Per layer, statistics of the inputs of o_proj ("attention") and down_proj ("mlp") at full shape."""
-    model.set_shape(model.config.num_hidden_layers, 1.0)
     stats, hooks = {}, []
-    for index, layer in enumerate(model.model.layers):
-        for kind, linear in (("attention", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj)):
+    for index, projections in enumerate(model.model.output_projections()):
+        for kind, linear in zip(("attention", "mlp"), projections):
             stats[index, kind] = ChannelStatistics(linear.in_features)
             hooks.append(linear.register_forward_pre_hook(lambda _m, args, s=stats[index, kind]: s.update(args[0])))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), model.shaped(*model.shape_space.full_shape):
             for start in tqdm(range(0, input_ids.shape[0], chunk_size), desc="width statistics", disable=not show_progress):
                 model(input_ids[start : start + chunk_size], use_cache=False)
     finally:
@@ -95,27 +94,11 @@ def layer_scores(model, stats: dict, method: str = "flap", seed: int = 0) -> tup
     config = model.config
     group_width = config.num_attention_heads // config.num_key_value_heads * config.head_dim
     group_scores, neuron_scores = [], []
-    for index, layer in enumerate(model.model.layers):
-        attention = _standardise(channel_scores(method, layer.self_attn.o_proj, stats[index, "attention"], generator))
+    for index, (o_proj, down_proj) in enumerate(model.model.output_projections()):
+        attention = _standardise(channel_scores(method, o_proj, stats[index, "attention"], generator))
         group_scores.append(attention.view(-1, group_width).mean(1))
-        neuron_scores.append(_standardise(channel_scores(method, layer.mlp.down_proj, stats[index, "mlp"], generator)))
+        neuron_scores.append(_standardise(channel_scores(method, down_proj, stats[index, "mlp"], generator)))
     return group_scores, neuron_scores
-
-
-def _permute_rows(linear: nn.Linear, order: torch.Tensor, block: int) -> None:
-    weight = linear.weight.data
-    linear.weight.data = weight.view(-1, block, weight.shape[1])[order].reshape_as(weight).contiguous()
-    if linear.bias is not None:
-        linear.bias.data = linear.bias.data.view(-1, block)[order].reshape(-1).contiguous()
-
-
-def _permute_columns(linear: nn.Linear, order: torch.Tensor, block: int) -> None:
-    weight = linear.weight.data
-    linear.weight.data = weight.view(weight.shape[0], -1, block)[:, order].reshape_as(weight).contiguous()
-
-
-def _set_buffer(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    module.register_buffer(name, value.to(torch.float32).contiguous())
 
 
 def apply_width_order(
@@ -131,35 +114,15 @@ def apply_width_order(
     Stores sorted importance (global mode) and per-channel input means (bias compensation) as buffers, so the
     checkpoint carries them and any width can be cut later.
     """
+    if width_mode not in ("global", "uniform"):
+        raise ValueError(f"width_mode must be 'global' or 'uniform', got {width_mode!r}")
     if bias_compensation and stats is None:
         raise ValueError("bias compensation needs calibration statistics")
-    config = model.config
-    head_dim = config.head_dim
-    group_size = config.num_attention_heads // config.num_key_value_heads
-    for index, layer in enumerate(model.model.layers):
-        attention, mlp = layer.self_attn, layer.mlp
-        group_order = torch.argsort(group_scores[index], descending=True, stable=True)
-        neuron_order = torch.argsort(neuron_scores[index], descending=True, stable=True)
-        _permute_rows(attention.q_proj, group_order, group_size * head_dim)
-        _permute_rows(attention.k_proj, group_order, head_dim)
-        _permute_rows(attention.v_proj, group_order, head_dim)
-        _permute_columns(attention.o_proj, group_order, group_size * head_dim)
-        _permute_rows(mlp.gate_proj, neuron_order, 1)
-        _permute_rows(mlp.up_proj, neuron_order, 1)
-        _permute_columns(mlp.down_proj, neuron_order, 1)
-        if bias_compensation:
-            attention_mean = stats[index, "attention"].mean.view(-1, group_size * head_dim)[group_order].reshape(-1)
-            _set_buffer(attention.o_proj, "input_mean", attention_mean)
-            _set_buffer(mlp.down_proj, "input_mean", stats[index, "mlp"].mean[neuron_order])
-        else:
-            for linear in (attention.o_proj, mlp.down_proj):
-                linear._buffers.pop("input_mean", None)
-        if width_mode == "global":
-            _set_buffer(attention, "group_importance", group_scores[index][group_order])
-            _set_buffer(mlp, "neuron_importance", neuron_scores[index][neuron_order])
-        else:
-            attention._buffers.pop("group_importance", None)
-            mlp._buffers.pop("neuron_importance", None)
-    config.width_mode = width_mode
-    config.bias_compensation = bias_compensation
-    model.model.reset_shape_space()
+    layers = range(len(group_scores))
+    input_means = [(stats[i, "attention"].mean, stats[i, "mlp"].mean) for i in layers] if bias_compensation else None
+    model.model.permute_widths(
+        [torch.argsort(scores, descending=True, stable=True) for scores in group_scores],
+        [torch.argsort(scores, descending=True, stable=True) for scores in neuron_scores],
+        input_means=input_means,
+        importance=list(zip(group_scores, neuron_scores)) if width_mode == "global" else None,
+    )

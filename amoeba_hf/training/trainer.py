@@ -117,7 +117,7 @@ class AmoebaTrainer(Trainer):
         self._micro_step = (self.state.global_step, micro + 1 if step == self.state.global_step else 0)
         rng = random.Random(f"{self.args.shape_seed}:{self._micro_step[0]}:{self._micro_step[1]}")
         space = model.shape_space
-        full = (space.num_layers, 1.0)
+        full = space.full_shape
         shapes = [("largest", full), ("smallest", (min(space.depths), space.min_width))]
         if self.args.distill_teacher == "base":
             shapes = shapes[1:]
@@ -205,7 +205,7 @@ class AmoebaTrainer(Trainer):
         shapes = self.sample_shapes(amoeba)
         teacher, teacher_magnitude, total = None, None, 0.0
         if self.args.distill_teacher == "base":
-            amoeba.set_shape(amoeba.shape_space.num_layers, 1.0)
+            amoeba.set_shape(*amoeba.shape_space.full_shape)
             with torch.no_grad(), self.compute_loss_context_manager():
                 logits = amoeba(**forward_inputs, use_cache=False, logits_to_keep=mask).logits
                 teacher = self._teacher_targets(logits)
@@ -235,7 +235,7 @@ class AmoebaTrainer(Trainer):
                     total += loss.detach()
                 del logits, loss
         finally:
-            amoeba.set_shape(amoeba.shape_space.num_layers, 1.0)
+            amoeba.set_shape(*amoeba.shape_space.full_shape)
         return total
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
