@@ -115,8 +115,9 @@ def test_config_of_another_model_type_is_rejected_with_supported_list(tmp_path):
 
 def test_inconsistent_depth_table_is_rejected():
     from amoeba_hf import AmoebaConfig
+    from amoeba_hf.modeling.configuration_amoeba import AmoebaConfigError
 
-    with pytest.raises(Exception, match="must list exactly 3 layers"):
+    with pytest.raises(AmoebaConfigError, match=r"depth_table\['3'\] must list exactly 3 layers, got 2"):
         AmoebaConfig(num_hidden_layers=6, hidden_size=64, num_attention_heads=4, depth_table={"3": [0, 1]})
-    with pytest.raises(Exception, match="min_depth must be in"):
+    with pytest.raises(AmoebaConfigError, match=r"min_depth must be in \[1, 6\], got 9"):
         AmoebaConfig(num_hidden_layers=6, hidden_size=64, num_attention_heads=4, min_depth=9)

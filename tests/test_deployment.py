@@ -8,8 +8,9 @@ import torch
 from conftest import tiny_source, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from amoeba_hf import AmoebaForCausalLM, profiling
+from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.cli import main
+from amoeba_hf.deploy import profile as profiling
 from amoeba_hf.deploy.profile import (
     PROFILE_FILE,
     DeviceProfile,
@@ -142,6 +143,7 @@ def test_profile_cache_is_reused_and_keyed_by_device_and_settings(model, tmp_pat
 
 
 def test_damaged_profile_cache_is_a_clear_error(model, tmp_path):
+    (tmp_path / PROFILE_FILE).parent.mkdir()
     (tmp_path / PROFILE_FILE).write_text('{"format": 1, "profiles": {"x": {"runtime": 3}}}')
     with pytest.raises(ValueError, match="not a valid profile cache.*delete it"):
         profile_checkpoint(model, tmp_path, [(6, 1.0)], SETTINGS)
@@ -272,7 +274,7 @@ def test_cli_search_with_quick_evaluation_by_parameter_budget(checkpoint, tmp_pa
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "frontier: wikitext2 ppl (quick) vs parameters (parameter counts)" in printed
-    saved = json.loads((checkpoint / "amoeba_quick_eval.json").read_text())
+    saved = json.loads((checkpoint / ".amoeba_cache" / "amoeba_quick_eval.json").read_text())
     assert sorted(saved["shapes"]) == ["4x0.5", "5x1", "6x1"] and saved["settings"]["ppl_tokens"] == 8 * 128
     assert not (checkpoint / PROFILE_FILE).exists(), "a parameter budget needs no measurements"
     assert (checkpoint / "amoeba_frontier.png").is_file()

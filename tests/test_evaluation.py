@@ -9,8 +9,9 @@ from conftest import tiny_source
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from amoeba_hf import AmoebaForCausalLM, eval_runner
+from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.cli import main
+from amoeba_hf.evaluation import runner as eval_runner
 from amoeba_hf.evaluation.runner import EvalSettings, evaluate_shapes
 from amoeba_hf.evaluation.scoring import (
     MIN_SHARED_PREFIX,

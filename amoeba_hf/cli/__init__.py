@@ -9,26 +9,47 @@ import sys
 import traceback
 from collections.abc import Callable
 
+from huggingface_hub.errors import StrictDataclassFieldValidationError
+
 
 class UserError(Exception):
     """A mistake in the command's input: reported as one line, no traceback."""
 
 
-def load_checkpoint(path: str):
+def load_checkpoint(path: str, **kwargs):
+    """An any-shape checkpoint from a folder or Hub id; a missing folder, or a model of another type, is a UserError."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    from ..pipeline.sources import local_model_folder, local_model_type
+
+    folder = local_model_folder(path)
+    if folder is not None:
+        _check_any_shape(path, local_model_type(folder))
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs)
+    _check_any_shape(path, model.config.model_type)
+    return model
+
+
+def _check_any_shape(path: str, model_type: str | None) -> None:
+    if model_type != "amoeba":
+        raise UserError(
+            f"{path} is not an any-shape checkpoint (model_type {model_type}); convert it with `amoeba convert`"
+        )
 
 
 def add_command(
-    commands: argparse._SubParsersAction, name: str, handler: Callable, help_text: str, example: str
+    commands: argparse._SubParsersAction, name: str, handler: Callable, help_text: str, example: str,
+    resumable: bool = False,
 ) -> argparse.ArgumentParser:
-    """A subcommand whose help repeats its one-line description and ends with an example."""
+    """A subcommand whose help repeats its one-line description and ends with an example.
+
+    `resumable`: re-running an interrupted command continues where it stopped (Ctrl-C then says so).
+    """
     parser = commands.add_parser(
         name, help=help_text, description=help_text, epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.set_defaults(handler=handler)
+    parser.set_defaults(handler=handler, resumable=resumable)
     return parser
 
 
@@ -51,13 +72,17 @@ def main(argv: list[str] | None = None) -> int:
         logging.set_verbosity_error()
     try:
         args.handler(args)
-    except (UserError, ValueError, FileNotFoundError, FileExistsError, OSError) as error:
+    except (UserError, ValueError, OSError, StrictDataclassFieldValidationError) as error:
+        # ValueError and OSError are what the package raises for bad input (AmoebaConfigError, CorruptWeightsError and
+        # HubPushError among them); a field of the wrong type in a config.json is reported by huggingface_hub.
         if args.verbose:
             traceback.print_exc()
-        print(f"amoeba {args.command}: error: {error}", file=sys.stderr)
+        message = " ".join(str(error).split()) if isinstance(error, StrictDataclassFieldValidationError) else error
+        print(f"amoeba {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"amoeba {args.command}: interrupted", file=sys.stderr)
+        hint = "; run the same command again to resume" if args.resumable else ""
+        print(f"amoeba {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

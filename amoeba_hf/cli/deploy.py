@@ -4,7 +4,7 @@ import argparse
 import sys
 
 from ..io import ensure_free_output_dir, save_checkpoint
-from . import UserError, add_command
+from . import UserError, add_command, load_checkpoint
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -55,13 +55,11 @@ def _profile_settings(args: argparse.Namespace):
 def _load_for_profiling(args: argparse.Namespace):
     """The checkpoint in the dtype, on the device and with the CPU threads that its measurements are keyed by."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = getattr(torch, args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True, dtype=dtype)
+    model = load_checkpoint(args.model_dir, dtype=getattr(torch, args.dtype))
     return model.to(device).eval()
 
 

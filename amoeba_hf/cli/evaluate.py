@@ -13,6 +13,7 @@ def register(commands: argparse._SubParsersAction) -> None:
         "--limit 200 --out results.json\n"
         "  amoeba eval smollm2-amoeba --shapes grid --tasks hellaswag,mmlu --data-dir data --limit 100 --mmlu-limit 5 "
         "--out grid.json",
+        resumable=True,
     )
     parser.add_argument("model_dir")
     parser.add_argument("--shapes", default="grid", help="DEPTHxWIDTH list, e.g. 30x1,24x0.75, or 'grid' (default)")
@@ -43,6 +44,8 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     if not Path(args.data_dir).is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out)
     settings = EvalSettings(args.data_dir, args.limit, args.mmlu_limit, args.seed, args.ppl_window, args.ppl_stride,
                             args.ppl_tokens)

@@ -17,6 +17,7 @@ def _register_build(commands: argparse._SubParsersAction) -> None:
         "the whole pipeline: convert, calibrate, fine-tune one-for-all, evaluate, save",
         "amoeba build --preset quick --out smollm2-any-shape          # embedded SmolLM2, offline\n"
         "  amoeba build --model HuggingFaceTB/SmolLM2-360M-Instruct --data alpaca.json --preset standard --out smol360",
+        resumable=True,
     )
     parser.add_argument("--model", default=None, help="Hub id, folder or .gguf (default: embedded SmolLM2-135M)")
     parser.add_argument("--data", nargs="+", default=None,

@@ -51,19 +51,45 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model_dir")
     _add_shape_args(parser)
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True,
+                        help="the user message (sent through the tokenizer's chat template, if it has one)")
+    parser.add_argument("--raw", action="store_true", help="feed the prompt as it is, without the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=32)
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
     from transformers import AutoTokenizer
 
+    if not args.prompt.strip():
+        raise UserError("--prompt is empty; give the text to answer or continue")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model = load_checkpoint(args.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     model.set_shape(args.depth, args.width)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+    if tokenizer.chat_template and not args.raw:
+        # An instruction-tuned model fed a bare prompt often answers its end-of-turn token at once (and prints nothing).
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    else:
+        inputs = tokenizer(args.prompt, return_tensors="pt")
+    largest = int(inputs["input_ids"].max())
+    if largest >= model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer of {args.model_dir} produced token id {largest}, outside the model's vocabulary "
+            f"(vocab_size {model.config.vocab_size}); the tokenizer does not belong to the model"
+        )
+    started = time.perf_counter()
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(tokenizer.decode(output[0][inputs["input_ids"].shape[1]:], skip_special_tokens=True))
+    seconds = time.perf_counter() - started
+    new_tokens = output[0][inputs["input_ids"].shape[1]:]
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True))
+    parameters = model.shape_space.parameter_count(args.depth, args.width)
+    print(f"[shape {args.depth}x{args.width:g}: {parameters:,} parameters, {len(new_tokens)} tokens at "
+          f"{len(new_tokens) / seconds:.1f} tokens/s]")
 
 
 def _register_export(commands: argparse._SubParsersAction) -> None:
@@ -96,7 +122,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(f"exported {description} to {args.out}")
         return
     with tempfile.TemporaryDirectory() as staging:
-        commit = _push(save_checkpoint(subnet, tokenizer, Path(staging) / "subnet"), args, f"Upload subnet depth={args.depth} width={args.width:g} of {args.model_dir}")
+        folder = save_checkpoint(subnet, tokenizer, Path(staging) / "subnet")
+        commit = _push(folder, args, f"Upload subnet depth={args.depth} width={args.width:g} of {args.model_dir}")
     print(f"exported {description} to {_pushed_to(commit, args)}")
 
 

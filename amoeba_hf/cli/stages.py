@@ -25,6 +25,7 @@ def _register_calibrate(commands: argparse._SubParsersAction) -> None:
         "amoeba calibrate smollm2-amoeba --data ../shared/data/calibration/c4_demo.jsonl --min-depth 18 "
         "--widths 1,0.875,0.75,0.625,0.5 --score ppl --out smollm2-calibrated\n"
         "  amoeba calibrate --data wiki.txt --score mmlu --mc-data mmlu/zero_shot_val.jsonl --out smollm2-mmlu-dp",
+        resumable=True,
     )
     parser.add_argument("model", nargs="?", default=None,
                         help="any-shape checkpoint, or a source model to convert (default: embedded SmolLM2)")
@@ -73,7 +74,8 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     save_checkpoint(model, tokenizer, out, files={"calibration.json": calibration})
     shutil.rmtree(state_dir, ignore_errors=True)
     print(f"calibrated checkpoint written to {out}: {report.evaluations} DP evaluations, "
-          f"{report.layer_forwards} layer-forwards, depth {report.depth_seconds:.0f} s, width {report.width_seconds:.0f} s")
+          f"{report.layer_forwards} layer-forwards, depth {report.depth_seconds:.0f} s, "
+          f"width {report.width_seconds:.0f} s")
 
 
 def _register_train(commands: argparse._SubParsersAction) -> None:
@@ -83,6 +85,7 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
         "amoeba train smollm2-calibrated --data ../shared/data/finetune/alpaca_en_demo.json --steps 200 "
         "--out smollm2-oneforall\n"
         "  amoeba train smollm2-calibrated --data alpaca.json wiki.txt --experts 1 --no-balancing --out ablation",
+        resumable=True,
     )
     parser.add_argument("model_dir", nargs="?", default=None,
                         help="(calibrated) any-shape checkpoint or a source model (default: embedded SmolLM2)")
@@ -104,7 +107,8 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-distillation", action="store_true", help="train every shape on labels (ablation)")
     parser.add_argument("--teacher", choices=("largest", "base"), default="largest",
                         help="distillation teacher: the largest shape, trained on labels (paper), or the frozen base "
-                             "model, which then stays the full shape exactly (for data the base model generated itself)")
+                             "model, which then stays the full shape exactly (for data the base model generated "
+                             "itself)")
     parser.add_argument("--no-balancing", action="store_true", help="disable loss-magnitude balancing (ablation)")
     parser.add_argument("--no-router-noise", action="store_true",
                         help="route without training noise (learns faster on short budgets, see docs/training.md)")
@@ -132,6 +136,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
         loss_balancing=not args.no_balancing, router_noise=not args.no_router_noise, train_base=args.train_base,
         save_steps=args.save_steps, seed=args.seed,
     )
+    settings.validate()
     check_data(settings.data)
     model, tokenizer = load_or_convert(args.model_dir)
     work_dir = out.parent / f".{out.name}.train-work"

@@ -3,7 +3,8 @@
 Parameter counts do not predict speed: per-layer work that no width removes (norms, attention, kernel launches,
 Python), the LM head, and non-uniform (global) widths make shapes of equal size run at different speeds. So a
 deployment decision needs measurements, and measurements are slow: they are cached per device and settings in
-the checkpoint folder (`amoeba_profile.json`), and a later call measures only the shapes it has not seen.
+the checkpoint folder (`.amoeba_cache/amoeba_profile.json`, never pushed), and a later call measures only the shapes it
+has not seen.
 
 Noise control: every repetition measures all shapes round-robin (machine noise hits them alike), a first
 repetition warms up (and measures memory), and the stored numbers are medians.
@@ -29,7 +30,10 @@ from transformers.cache_utils import Cache
 from ..io import write_text_atomically
 from ..modeling.shape_space import shape_key
 
-PROFILE_FILE = "amoeba_profile.json"
+# Measurements name this machine (CPU model, GPU, library versions): they stay in a hidden folder of the checkpoint,
+# which `amoeba push` never uploads.
+CACHE_DIR = ".amoeba_cache"
+PROFILE_FILE = f"{CACHE_DIR}/amoeba_profile.json"
 PROFILE_FORMAT = 1
 MODES = ("elastic", "exported")
 
@@ -456,6 +460,7 @@ def format_profile(profile: DeviceProfile, space, shapes: Iterable[tuple[int, fl
 
 
 __all__ = [
+    "CACHE_DIR",
     "MODES",
     "PROFILE_FILE",
     "DeviceProfile",

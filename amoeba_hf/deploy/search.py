@@ -17,9 +17,9 @@ from ..evaluation.report import LOWER_IS_BETTER, headline_columns, metric_column
 from ..evaluation.runner import EvalSettings, evaluate_shapes
 from ..evaluation.tasks import task_label
 from ..modeling.shape_space import shape_key
-from .profile import MODES, DeviceProfile, ProfileSettings, profile_checkpoint
+from .profile import CACHE_DIR, MODES, DeviceProfile, ProfileSettings, profile_checkpoint
 
-QUICK_EVAL_FILE = "amoeba_quick_eval.json"
+QUICK_EVAL_FILE = f"{CACHE_DIR}/amoeba_quick_eval.json"
 FRONTIER_FILE = "amoeba_frontier.png"
 QUICK_LIMIT = 200
 QUICK_PPL_WINDOWS = 8
@@ -258,8 +258,8 @@ def quick_quality(
     """Score shapes on one task (`metric` as in `stored_quality`) with a small, fixed budget: perplexity over
     8 windows, or 200 seeded multiple-choice items.
 
-    Results are kept in `amoeba_quick_eval.json` in the checkpoint folder, so a later search scores only new shapes;
-    a file from other data or settings is replaced.
+    Results are kept in `.amoeba_cache/amoeba_quick_eval.json` in the checkpoint folder (never pushed), so a later
+    search scores only new shapes; a file from other data or settings is replaced.
     """
     window = min(QUICK_PPL_WINDOW, model.config.max_position_embeddings)
     settings = EvalSettings(str(Path(data_dir).resolve()), limit=QUICK_LIMIT, ppl_window=window,

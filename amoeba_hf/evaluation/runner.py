@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..io import write_text_atomically
 from ..modeling.shape_space import shape_key
-from .scoring import encode_task, score_task
+from .scoring import EncodedTask, EncodedText, encode_task, score_task
 from .tasks import load_task, task_label
 
 
@@ -49,6 +49,24 @@ def _load_results(out: Path, header: dict) -> dict:
     return saved
 
 
+def _largest_token_id(task: EncodedTask) -> int:
+    if isinstance(task, EncodedText):
+        return int(task.token_ids.max()) if task.token_ids.numel() else -1
+    return max((max(context + continuation) for requests in task.requests.values()
+                for context, continuation in requests), default=-1)
+
+
+def _check_token_ids(tasks: dict[str, EncodedTask], vocab_size: int) -> None:
+    """A tokenizer that is not the model's yields ids past its embedding table (an IndexError deep in the model)."""
+    for label, task in tasks.items():
+        largest = _largest_token_id(task)
+        if largest >= vocab_size:
+            raise ValueError(
+                f"{label}: the tokenizer produced token id {largest}, outside the model's vocabulary "
+                f"(vocab_size {vocab_size}); the tokenizer does not belong to this model"
+            )
+
+
 def evaluate_shapes(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -65,6 +83,8 @@ def evaluate_shapes(
     All tasks are read and tokenised before the first forward pass, so bad input fails fast; the model's shape
     is restored afterwards.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out) if out is not None else None
     header = {"model": model_name, "settings": asdict(settings)}
     results = _load_results(out, header) if out is not None else {**header, "shapes": {}}
@@ -76,6 +96,7 @@ def evaluate_shapes(
         )
         for name in dict.fromkeys(tasks)
     }
+    _check_token_ids(encoded, model.config.vocab_size)
     space = model.shape_space
     for depth, width in shapes:
         key = shape_key(depth, width)

@@ -13,6 +13,10 @@ AUTO_MAP = {
 }
 
 
+class AmoebaConfigError(ValueError):
+    """An any-shape config field holds a value outside its valid range; the message names the field."""
+
+
 @strict
 class AmoebaConfig(LlamaConfig):
     """Llama-style config extended with the shape space of AmoebaLLM.
@@ -71,6 +75,9 @@ class AmoebaConfig(LlamaConfig):
             self.smol_target_modules = list(SMOL_TARGETS)
         if getattr(self, "auto_map", None) is None:
             self.auto_map = dict(AUTO_MAP)
+        # `@strict` validates again after this, but wraps every validator's error in its own exception type; checking
+        # here first lets a bad config reach its builder or loader as an AmoebaConfigError (a ValueError).
+        self.validate_architecture()
 
     def validate_architecture(self):
         """Part of `@strict` validation: the shape space must be consistent with the architecture.
@@ -80,46 +87,68 @@ class AmoebaConfig(LlamaConfig):
         """
         num_layers = self.num_hidden_layers
         if self.source_model_type not in SUPPORTED_SOURCE_TYPES:
-            raise ValueError(
+            raise AmoebaConfigError(
                 f"source_model_type={self.source_model_type!r} is not supported; "
                 f"supported: {', '.join(SUPPORTED_SOURCE_TYPES)}"
             )
         if self.head_dim is None or self.head_dim <= 0:
-            raise ValueError(f"head_dim must be a positive int, got {self.head_dim}")
+            raise AmoebaConfigError(f"head_dim must be a positive int, got {self.head_dim}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
-            raise ValueError(
+            raise AmoebaConfigError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         if self.min_depth is not None and not 1 <= self.min_depth <= num_layers:
-            raise ValueError(f"min_depth must be in [1, {num_layers}], got {self.min_depth}")
+            raise AmoebaConfigError(f"min_depth must be in [1, {num_layers}], got {self.min_depth}")
         if not 0.0 < self.min_width <= 1.0:
-            raise ValueError(f"min_width must be in (0, 1], got {self.min_width}")
+            raise AmoebaConfigError(f"min_width must be in (0, 1], got {self.min_width}")
         if self.width_mode not in WIDTH_MODES:
-            raise ValueError(f"width_mode must be one of {WIDTH_MODES}, got {self.width_mode!r}")
+            raise AmoebaConfigError(f"width_mode must be one of {WIDTH_MODES}, got {self.width_mode!r}")
         for width in self.width_grid or ():
             if not self.min_width <= width <= 1.0:
-                raise ValueError(f"width_grid value {width} is outside [min_width={self.min_width}, 1]")
+                raise AmoebaConfigError(f"width_grid value {width} is outside [min_width={self.min_width}, 1]")
         if self.depth_table is not None:
-            for key, layers in self.depth_table.items():
-                if not key.isdigit() or int(key) != len(layers):
-                    raise ValueError(f"depth_table[{key!r}] must list exactly {key} layers, got {len(layers)}")
-                if sorted(set(layers)) != list(layers) or not all(0 <= i < num_layers for i in layers):
-                    raise ValueError(
-                        f"depth_table[{key!r}] must be sorted, unique layer indices in [0, {num_layers}), got {layers}"
-                    )
+            self._validate_depth_table(num_layers)
         if self.smol_experts < 0 or (self.smol_experts and not 1 <= self.smol_top_k <= self.smol_experts):
-            raise ValueError(
+            raise AmoebaConfigError(
                 f"smol_experts must be >= 0 and smol_top_k in [1, smol_experts], got {self.smol_experts} and "
                 f"{self.smol_top_k}"
             )
+        if self.smol_experts and self.smol_rank < 1:
+            raise AmoebaConfigError(f"smol_rank must be >= 1 (the LoRA rank), got {self.smol_rank}")
         unknown = set(self.smol_target_modules or ()) - set(SMOL_TARGETS)
         if unknown:
-            raise ValueError(f"unknown smol_target_modules {sorted(unknown)}; valid: {', '.join(SMOL_TARGETS)}")
+            raise AmoebaConfigError(f"unknown smol_target_modules {sorted(unknown)}; valid: {', '.join(SMOL_TARGETS)}")
         for name in ("layer_num_key_value_heads", "layer_intermediate_sizes"):
             sizes = getattr(self, name)
             if sizes is not None and len(sizes) != num_layers:
-                raise ValueError(f"{name} must have one entry per layer ({num_layers}), got {len(sizes)}")
+                raise AmoebaConfigError(f"{name} must have one entry per layer ({num_layers}), got {len(sizes)}")
+
+    def _validate_depth_table(self, num_layers: int) -> None:
+        """Keys are the depths of the shape space, the full depth among them; each lists that many kept layers."""
+        min_depth = self.min_depth or 1
+        for key, layers in self.depth_table.items():
+            if not (key.isascii() and key.isdigit()):
+                raise AmoebaConfigError(
+                    f"depth_table key {key!r} is not a depth: keys are layer counts written as digit strings, "
+                    f"e.g. '{num_layers}'"
+                )
+            if int(key) != len(layers):
+                raise AmoebaConfigError(f"depth_table[{key!r}] must list exactly {key} layers, got {len(layers)}")
+            if sorted(set(layers)) != list(layers) or not all(0 <= i < num_layers for i in layers):
+                raise AmoebaConfigError(
+                    f"depth_table[{key!r}] must be sorted, unique layer indices in [0, {num_layers}), got {layers}"
+                )
+            if not min_depth <= int(key) <= num_layers:
+                raise AmoebaConfigError(
+                    f"depth_table key {key!r} is outside the depths [min_depth={min_depth}, "
+                    f"num_hidden_layers={num_layers}]"
+                )
+        if str(num_layers) not in self.depth_table:
+            raise AmoebaConfigError(
+                f"depth_table lacks the full depth: it must have the key '{num_layers}' (num_hidden_layers) listing "
+                f"every layer; it has {sorted(self.depth_table, key=lambda k: (len(k), k))}"
+            )
 
 
-__all__ = ["SUPPORTED_SOURCE_TYPES", "AmoebaConfig"]
+__all__ = ["SUPPORTED_SOURCE_TYPES", "AmoebaConfig", "AmoebaConfigError"]

@@ -513,6 +513,8 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         Only the experts and the router are trainable unless `train_base`; the function is unchanged until trained.
         `exact_full_shape` keeps the full shape expert-free, i.e. the base model (for distillation from the base).
         """
+        if experts < 1:
+            raise ValueError(f"experts must be >= 1 (1 = plain LoRA), got {experts}")
         if self.config.smol_experts:
             raise ValueError(f"SMoL is already enabled ({self.config.smol_experts} experts)")
         self.config.smol_experts, self.config.smol_top_k, self.config.smol_rank = experts, top_k, rank

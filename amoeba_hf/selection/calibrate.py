@@ -54,6 +54,8 @@ class CalibrationSettings:
         for path in (self.data, self.mc_data):
             if path is not None and not Path(path).is_file():
                 raise FileNotFoundError(f"calibration file {path} does not exist")
+        if self.samples < 1 or self.seq_len < 2:
+            raise ValueError(f"need samples >= 1 and seq_len >= 2, got {self.samples} and {self.seq_len}")
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; choose from {SCORES}")
         if self.score == "mmlu" and not self.mc_data:
@@ -143,7 +145,7 @@ def calibrate(
     start = time.perf_counter()
     width_file = state_path / "width.pt" if state_path else None
     if width_file is not None and state.get("width_done") and width_file.exists():
-        saved = torch.load(width_file)
+        saved = torch.load(width_file, weights_only=True)
         stats = {(int(k.split(".")[0]), k.split(".")[1]): ChannelStatistics.from_state(v) for k, v in saved["stats"].items()}
         group_scores, neuron_scores = saved["groups"], saved["neurons"]
     else:

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..training.data import load_records
+from ..training.data import check_text_column, load_records
 
 ANSWER_LETTERS = ("A", "B", "C", "D")
 
@@ -50,6 +50,8 @@ def text_blocks(
         raise ValueError(
             f"calibration file {path} lacks field(s) ['text'] (or Alpaca 'instruction'/'output'); it has {columns}"
         )
+    for field in sorted({"text", "instruction", "input", "output"} & set(columns)):
+        check_text_column(dataset, field, path, "calibration file")
     documents = [text for text in (_record_text(r) for r in dataset) if text and text.strip()]
     if not documents:
         raise ValueError(f"calibration file {path} has no non-empty text")

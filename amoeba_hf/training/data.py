@@ -70,6 +70,26 @@ def load_records(path: str | Path, fields: tuple[str, ...], label: str = "traini
     missing = [f for f in fields if f not in dataset.column_names]
     if missing:
         raise ValueError(f"{label} {path} lacks field(s) {missing}; it has {dataset.column_names}")
+    for field in fields:
+        check_text_column(dataset, field, path, label)
+    return dataset
+
+
+def check_text_column(dataset: Dataset, field: str, path: str | Path, label: str) -> None:
+    """Every value of `field` is a string or missing (null): a number or a list there is a malformed file."""
+    for number, value in enumerate(dataset[field], 1):
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{label} {path}: record {number} has `{field}` {value!r}; it must be a string")
+
+
+def load_instructions(path: str | Path) -> Dataset:
+    """Alpaca records with `instruction` and `output` strings, at least one answer non-empty (labels sit on the
+    answers only: with every answer empty the model would learn nothing but to stop)."""
+    dataset = load_records(path, INSTRUCTION_FIELDS)
+    if "input" in dataset.column_names:
+        check_text_column(dataset, "input", path, "training data")
+    if not any(output and output.strip() for output in dataset["output"]):
+        raise ValueError(f"training data {path}: every `output` (answer) is empty; there is nothing to learn from")
     return dataset
 
 
@@ -102,7 +122,7 @@ def instruction_dataset(
     Prompts keep their last `max_prompt_tokens` tokens (the instruction's end and the response header matter
     most); responses keep their first `max_response_tokens` tokens and end with EOS when it fits.
     """
-    dataset = load_records(path, INSTRUCTION_FIELDS)
+    dataset = load_instructions(path)
 
     def encode(record: dict) -> dict:
         prompt = instruction_prompt(tokenizer, record["instruction"], record.get("input") or "", template)

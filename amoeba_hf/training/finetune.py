@@ -9,7 +9,7 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Traine
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import INSTRUCTION_FIELDS, TEXT_FIELDS, instruction_dataset, load_records, text_dataset
+from .data import TEMPLATES, TEXT_FIELDS, instruction_dataset, load_instructions, load_records, text_dataset
 from .trainer import AmoebaTrainer, AmoebaTrainingArguments
 
 
@@ -41,6 +41,33 @@ class FinetuneSettings:
     save_steps: int = 50
     seed: int = 0
 
+    def validate(self) -> None:
+        """Refuse settings the Trainer would silently reinterpret (max_steps=0 trains by epochs; no experts would
+        train every base weight), before any folder is created or a model is loaded."""
+        counts = {
+            "steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+            "max_prompt_tokens": self.max_prompt_tokens, "max_response_tokens": self.max_response_tokens,
+            "text_block_size": self.text_block_size, "top_k": self.top_k, "rank": self.rank,
+            "save_steps": self.save_steps,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.experts < 1:
+            raise ValueError(
+                f"experts must be >= 1 (1 = plain LoRA), got {self.experts}: Stage 2 trains LoRA experts on a frozen "
+                "base (train_base, --train-base, trains the base weights as well)"
+            )
+        if self.random_shapes < 0:
+            raise ValueError(f"random_shapes must be >= 0, got {self.random_shapes}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        for width in self.widths or ():
+            if not 0.0 < width <= 1.0:
+                raise ValueError(f"width {width} is outside (0, 1]")
+        if self.template not in TEMPLATES:
+            raise ValueError(f"unknown prompt template {self.template!r}; choose from {TEMPLATES}")
+
 
 def is_instruction_file(path: str) -> bool:
     """Instruction data (Alpaca records with `instruction`/`output`) rather than plain text, judged by the file's head."""
@@ -54,7 +81,10 @@ def check_data(paths: list[str]) -> None:
     for path in paths:
         if not Path(path).is_file():
             raise FileNotFoundError(f"training data {path} does not exist")
-        load_records(path, INSTRUCTION_FIELDS if is_instruction_file(path) else TEXT_FIELDS)
+        if is_instruction_file(path):
+            load_instructions(path)
+        else:
+            load_records(path, TEXT_FIELDS)
 
 
 def build_dataset(paths: list[str], tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings):
@@ -89,6 +119,7 @@ def last_complete_checkpoint(work_dir: str | os.PathLike) -> str | None:
 def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings, work_dir: str | os.PathLike,
              callbacks: list[TrainerCallback] | None = None, **training_overrides) -> AmoebaTrainer:
     """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run resumes from the newest complete one."""
+    settings.validate()
     dataset = build_dataset(settings.data, tokenizer, settings)
     if not model.config.smol_experts and settings.experts:
         set_seed(settings.seed)
