@@ -2,7 +2,7 @@
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .modeling.configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
+from .modeling.configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig, AmoebaConfigError
 from .modeling.modeling_amoeba import AmoebaForCausalLM, AmoebaModel, AmoebaPreTrainedModel, Shape
 from .modeling.shape_space import LayerWidth, ShapeSpace
 
@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SUPPORTED_SOURCE_TYPES",
     "AmoebaConfig",
+    "AmoebaConfigError",
     "AmoebaForCausalLM",
     "AmoebaModel",
     "AmoebaPreTrainedModel",

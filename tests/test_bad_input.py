@@ -326,3 +326,24 @@ def test_calibration_text_blocks_name_a_bad_record(tmp_path):
         handle.write(json.dumps({"text": ["w3"]}) + "\n")
     with pytest.raises(ValueError, match="record 4 has `text`"):
         text_blocks(data, tiny_tokenizer(), 1, 8)
+
+
+def test_global_widths_without_importance_scores_are_refused_not_exported_degenerate(tmp_path):
+    model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
+    model.config.width_mode = "global"
+    for layer in model.model.layers:
+        layer.self_attn.register_buffer("group_importance", torch.zeros(3))
+        layer.mlp.register_buffer("neuron_importance", torch.zeros(80))
+    with pytest.raises(ValueError, match="needs calibrated importance scores"):
+        model.model.reset_shape_space()
+    with pytest.raises(ValueError, match="needs calibrated importance scores"):
+        model.export_subnet(4, 0.75)
+
+
+@pytest.mark.parametrize("source, message", [("./missing", "model folder ./missing does not exist"),
+                                             ("a/b/c", "model folder a/b/c does not exist"),
+                                             (None, "no config.json in")])
+def test_from_llama_names_a_missing_folder_instead_of_talking_about_hub_ids(tmp_path, source, message):
+    source = str(tmp_path) if source is None else source
+    with pytest.raises(FileNotFoundError, match=message):
+        AmoebaForCausalLM.from_llama(source)

@@ -43,7 +43,7 @@ from .elastic_linear import ElasticLinear
 from .model_card import fill_repo_id, read_eval_rows, render_model_card, write_card
 from .shape_router import ShapeRouter
 from .shape_space import GlobalWidthAllocator, LayerWidth, Shape, ShapeSpace, full_layer_sizes
-from .subnet_export import amoeba_config_from_source, build_subnet
+from .subnet_export import amoeba_config_from_source, build_subnet, check_local_source
 
 logger = logging.get_logger(__name__)
 
@@ -178,6 +178,14 @@ class AmoebaDecoderLayer(LlamaDecoderLayer):
         self.mlp.set_width(size.intermediate_size)
 
 
+def _calibrated(scores: list[torch.Tensor | None]) -> bool:
+    """Importance buffers exist and hold Stage-1 scores: all-zero buffers (a config switched to global widths by
+    hand) would make the global allocator keep one arbitrary item per layer."""
+    if None in scores:
+        return False
+    return any(score.is_meta or bool(score.any()) for score in scores)
+
+
 class AmoebaPreTrainedModel(LlamaPreTrainedModel):
     config_class = AmoebaConfig
     config: AmoebaConfig
@@ -269,7 +277,7 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
             allocator = None
             group_scores = [getattr(layer.self_attn, "group_importance", None) for layer in self.layers]
             neuron_scores = [getattr(layer.mlp, "neuron_importance", None) for layer in self.layers]
-            if self.config.width_mode == "global" and None not in group_scores + neuron_scores:
+            if self.config.width_mode == "global" and _calibrated(group_scores + neuron_scores):
                 allocator = GlobalWidthAllocator(self.config, group_scores, neuron_scores)
             self._shape_space = ShapeSpace(self.config, allocator)
         return self._shape_space
@@ -608,6 +616,7 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         shape computes exactly what the source model computes.
         """
         if isinstance(source, (str, os.PathLike)):
+            check_local_source(source, gguf_file)
             source_config = AutoConfig.from_pretrained(source, gguf_file=gguf_file, **load_kwargs)
             amoeba_config_from_source(source_config)
             source = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=dtype, **load_kwargs)

@@ -47,6 +47,21 @@ def hub_model_id(name_or_path: str | None) -> str | None:
     return name_or_path
 
 
+def check_local_source(source: str | os.PathLike, gguf_file: str | None = None) -> None:
+    """Refuse a source that names a local path but is no model folder, before transformers reports it as an unknown
+    Hub repo id. A path is what exists, starts with `.`, `/` or `~`, or has a separator and is no `owner/name` id."""
+    text = os.fspath(source)
+    looks_like_path = text.startswith((".", "/", "~")) or (os.sep in text and not _HUB_ID.match(text))
+    if not os.path.exists(text):
+        if looks_like_path or isinstance(source, os.PathLike):
+            raise FileNotFoundError(f"model folder {text} does not exist")
+        return
+    if not os.path.isdir(text):
+        raise ValueError(f"{text} is a file, not a model folder (a folder with config.json; a .gguf goes in gguf_file)")
+    if gguf_file is None and not os.path.isfile(os.path.join(text, "config.json")):
+        raise FileNotFoundError(f"no config.json in {text}: it is not a model folder")
+
+
 def amoeba_config_from_source(
     source: PreTrainedConfig,
     min_depth: int | None = None,

