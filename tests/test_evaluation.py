@@ -303,8 +303,10 @@ def test_bad_records_name_the_problem(data_dir, tmp_path):
         encode_task(load_task("wikitext2", data_dir), char_tokenizer(), ppl_window=100000)
 
 
-def test_lm_eval_amoeba_model_scores_a_shape_like_our_evaluator(checkpoint, data_dir, tmp_path, model, tokenizer):
-    """lm-eval's own HF scoring of a local task at depth 4, width 0.75 gives our log-likelihoods."""
+@pytest.mark.parametrize("harness_model", ["amoeba", "hf"])
+def test_lm_eval_scores_a_shape_like_our_evaluator(checkpoint, data_dir, tmp_path, model, tokenizer, harness_model):
+    """lm-eval's own HF scoring of a local task at depth 4, width 0.75 gives our log-likelihoods, through our
+    `amoeba` model and through the harness's stock `hf` model (the shape passed as `from_pretrained` keywords)."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
 
@@ -318,8 +320,9 @@ def test_lm_eval_amoeba_model_scores_a_shape_like_our_evaluator(checkpoint, data
         "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
     )
     output = lm_eval.simple_evaluate(
-        model="amoeba",
-        model_args={"pretrained": str(checkpoint), "depth": 4, "width": 0.75, "device": "cpu", "batch_size": 8},
+        model=harness_model,
+        model_args={"pretrained": str(checkpoint), "depth": 4, "width": 0.75, "device": "cpu", "batch_size": 8,
+                    "trust_remote_code": True},
         tasks=["tiny_local"], log_samples=True,
         task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False),
     )

@@ -36,6 +36,10 @@ class AmoebaConfig(LlamaConfig):
     width 1.0) runs without experts, so it is exactly the base model: set when every shape was distilled from the
     base, whose full shape cannot do better than the base itself.
 
+    `depth` / `width` name the shape the model opens at after `from_pretrained` (`None`: all layers, width 1.0).
+    Keyword arguments of `from_pretrained` set them, so `pipeline(model_kwargs=...)` and lm-eval's stock `hf`
+    model can ask for a shape; saved with the config, they make a checkpoint open at that shape by default.
+
     `base_model` (a Hub id) and `base_model_license` record where the weights came from: the model card written
     by `save_pretrained` cites them, so they must survive any number of save/load round trips.
     """
@@ -64,6 +68,8 @@ class AmoebaConfig(LlamaConfig):
     smol_router_hidden: int = 16
     smol_router_noise: bool = True
     smol_exact_full_shape: bool = False
+    depth: int | None = None
+    width: int | float | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

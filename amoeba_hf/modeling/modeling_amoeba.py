@@ -192,6 +192,22 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
     _no_split_modules = ["AmoebaDecoderLayer"]
     _can_record_outputs = {"hidden_states": AmoebaDecoderLayer, "attentions": AmoebaAttention}
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):
+        """Stock loading, then the shape `config.depth` / `config.width` name, so that keyword arguments
+        (`from_pretrained(dir, depth=24, width=0.75)`, which transformers sets on the config) choose the shape.
+
+        The shape cannot be set in `__init__`: transformers builds the model on the meta device, and global widths
+        and bias compensation read the loaded buffers.
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        depth, width = model.config.depth, model.config.width
+        if depth is not None or width is not None:
+            full = model.shape_space.full_shape
+            model.set_shape(full.depth if depth is None else depth, full.width if width is None else width)
+        return loaded
+
     def _init_weights(self, module: nn.Module) -> None:
         """Calibration buffers start at zero (no compensation, no importance) when absent from a checkpoint, and
         LoRA experts as in LoRA (A random, B zero) so that adding them leaves the model's function unchanged."""
