@@ -1,5 +1,7 @@
 """GGUF export: transformers' independent GGUF loader must give back the elastic model's logits and the tokenizer."""
 
+import os
+
 import gguf
 import pytest
 import torch
@@ -98,6 +100,9 @@ def test_gguf_metadata_and_q8_0_fallback(elastic, tokenizer, tmp_path):
     subnet = elastic.export_subnet(3, 0.5)
     fields, types = gguf_metadata(write_gguf(subnet, tokenizer, tmp_path / "s.gguf", dtype="q8_0", name="tiny"))
     assert fields["general.name"] == "tiny"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "s.gguf").stat().st_mode & 0o777 == 0o666 & ~umask
     assert fields["llama.attention.head_count"] == 4 and fields["llama.attention.head_count_kv"] == 2
     assert fields["llama.attention.key_length"] == fields["llama.rope.dimension_count"] == 16
     assert fields["llama.feed_forward_length"] == 40 and fields["llama.block_count"] == 3
