@@ -4,6 +4,7 @@ Subclassing the Llama modules keeps the state-dict keys of `LlamaForCausalLM`, s
 directly, and every shape computes exactly what a physically pruned `LlamaForCausalLM` computes.
 """
 
+import copy
 import math
 import os
 import tempfile
@@ -502,6 +503,21 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
             yield self
         finally:
             self.set_shape(*previous)
+
+    def shape_view(self, depth: int, width: float = 1.0) -> "AmoebaForCausalLM":
+        """This model at another shape, sharing every weight and buffer: a draft model for self-speculative decoding.
+
+        `model.generate(ids, assistant_model=model.shape_view(15, 0.5))` drafts with the smaller shape and verifies
+        with this one; greedy output equals plain greedy decoding of this shape. The view has its own modules,
+        config, generation config and shape state (each shape keeps its own KV cache), so setting one's shape never
+        moves the other's; only the module objects are new (a few hundred KB), no weight is copied.
+        """
+        shared = {id(tensor): tensor for tensor in (*self.parameters(), *self.buffers())}
+        view = copy.deepcopy(self, shared)
+        for module in view.modules():
+            module._forward_pre_hooks.clear()
+            module._forward_hooks.clear()
+        return view.set_shape(depth, width)
 
     def export_subnet(
         self, depth: int | None = None, width: float | None = None, merge: bool = True
