@@ -5,8 +5,11 @@ beside its handler; a module's `register(commands)` adds its commands to the par
 """
 
 import argparse
+import dataclasses
 import sys
 import traceback
+import types
+import typing
 from collections.abc import Callable
 
 from huggingface_hub.errors import StrictDataclassFieldValidationError
@@ -51,6 +54,92 @@ def add_command(
     )
     parser.set_defaults(handler=handler, resumable=resumable)
     return parser
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type) -> None:
+    """One flag per field of a settings dataclass, so that flags, help, choices and defaults have one source.
+
+    A field's metadata may hold `help`, `choices`, `flag` (the flag's name when it is not `--field-name`),
+    `required`, `nargs="+"` (a list given as separate words) and `cli=False` (a setting only Python sets). Other
+    list and tuple fields are typed as comma-separated text (parsed by `settings_from_args`); a bool that is True
+    by default becomes `--no-NAME`, one that is False `--NAME` (their help says what the flag does). The default is
+    the field's, shown in the help.
+    transformers' HfArgumentParser is not used: it spells lists as space-separated words and lists both the
+    underscore and dash spellings of every flag, which would change the documented command line.
+    """
+    hints = typing.get_type_hints(settings_class)
+    for item in dataclasses.fields(settings_class):
+        if not item.metadata.get("cli", True):
+            continue
+        default = _default(item)
+        flag = _flag(item, default)
+        kind, element = _field_kind(hints[item.name])
+        help_text = item.metadata.get("help")
+        if kind is bool:
+            action = "store_false" if default else "store_true"
+            parser.add_argument(flag, dest=item.name, action=action, help=help_text)
+            continue
+        required = item.metadata.get("required", False)
+        if help_text is not None and not required and default not in (None, [], ()):
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            help_text = f"{help_text} (default: {shown})"
+        metavar = flag.lstrip("-").replace("-", "_").upper()
+        options = {"dest": item.name, "default": default, "help": help_text, "metavar": metavar, "required": required}
+        if "choices" in item.metadata:
+            options.update(choices=item.metadata["choices"], metavar=None)
+        if element is not None:
+            options["type"] = element if item.metadata.get("nargs") else str
+            if item.metadata.get("nargs"):
+                options["nargs"] = item.metadata["nargs"]
+        else:
+            options["type"] = kind
+        parser.add_argument(flag, **options)
+
+
+def settings_from_args(settings_class: type, args: argparse.Namespace, **values):
+    """The settings dataclass from parsed flags (comma-separated lists parsed here), plus `values` for fields that
+    are not flags or that the command decides itself."""
+    hints = typing.get_type_hints(settings_class)
+    for item in dataclasses.fields(settings_class):
+        if item.name in values or not item.metadata.get("cli", True) or not hasattr(args, item.name):
+            continue
+        value = getattr(args, item.name)
+        kind, element = _field_kind(hints[item.name])
+        if isinstance(value, str) and element is not None:
+            value = kind(_parse_list(value, element, _flag(item, _default(item))))
+        values[item.name] = value
+    return settings_class(**values)
+
+
+def _default(item: dataclasses.Field):
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return None if item.default is dataclasses.MISSING else item.default
+
+
+def _flag(item: dataclasses.Field, default) -> str:
+    """Metadata `flag`, else `--field-name`, or `--no-field-name` for a bool that is True by default."""
+    if "flag" in item.metadata:
+        return item.metadata["flag"]
+    return f"--{'no-' if default is True else ''}{item.name.replace('_', '-')}"
+
+
+def _field_kind(annotation) -> tuple[type, type | None]:
+    """(type, element type) of a field annotation, `X | None` read as X: (int, None), (list, float), (tuple, int)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return origin, typing.get_args(annotation)[0]
+    return annotation, None
+
+
+def _parse_list(text: str, element: type, flag: str) -> list:
+    try:
+        return [element(value) for value in text.split(",")]
+    except ValueError:
+        kind = "integers" if element is int else "numbers"
+        raise UserError(f"{flag} must be comma-separated {kind}, got {text!r}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:

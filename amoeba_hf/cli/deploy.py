@@ -3,8 +3,9 @@
 import argparse
 import sys
 
+from ..deploy.profile import ProfileSettings
 from ..io import ensure_free_output_dir, save_checkpoint
-from . import UserError, add_command, load_checkpoint
+from . import UserError, add_command, add_settings_arguments, load_checkpoint, settings_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -13,10 +14,8 @@ def register(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_profile_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--prompt-lengths", default="128", help="prefill lengths in tokens (default: 128)")
-    parser.add_argument("--batch-sizes", default="1,4", help="batch sizes to measure (default: 1,4)")
-    parser.add_argument("--new-tokens", type=int, default=16,
-                        help="decode steps measured after the longest prompt (default: 16)")
+    """What is measured (`ProfileSettings`), then where and how precisely (the runtime, not part of the settings)."""
+    add_settings_arguments(parser, ProfileSettings)
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions, medians kept (default: 3)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -25,13 +24,6 @@ def _add_profile_args(parser: argparse.ArgumentParser) -> None:
 
 def _report_progress(message: str) -> None:
     print(f"amoeba: {message}", file=sys.stderr)
-
-
-def _parse_ints(text: str, option: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise UserError(f"{option} must be comma-separated integers, got {text!r}") from None
 
 
 def _parse_count(text: str) -> int:
@@ -43,13 +35,10 @@ def _parse_count(text: str) -> int:
         raise UserError(f"--max-params must be a count like 90000000, 90M or 1.5B, got {text!r}") from None
 
 
-def _profile_settings(args: argparse.Namespace):
-    from ..deploy.profile import ProfileSettings
-
+def _profile_settings(args: argparse.Namespace) -> ProfileSettings:
     if args.threads is not None and args.threads < 1:
         raise UserError(f"--threads must be at least 1, got {args.threads}")
-    return ProfileSettings(_parse_ints(args.prompt_lengths, "--prompt-lengths"),
-                           _parse_ints(args.batch_sizes, "--batch-sizes"), args.new_tokens)
+    return settings_from_args(ProfileSettings, args)
 
 
 def _load_for_profiling(args: argparse.Namespace):
@@ -138,7 +127,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
     budget.validate()
     settings = _profile_settings(args)
     if args.batch_size not in settings.batch_sizes:
-        raise UserError(f"--batch-size {args.batch_size} must be one of the profiled --batch-sizes {args.batch_sizes}")
+        profiled = ",".join(map(str, settings.batch_sizes))
+        raise UserError(f"--batch-size {args.batch_size} must be one of the profiled --batch-sizes {profiled}")
     if args.results is None and args.data_dir is None:
         raise UserError("no quality source: pass --results FILE (from amoeba eval --out) or --data-dir DIR for a "
                         "quick evaluation")

@@ -2,7 +2,8 @@
 
 import argparse
 
-from . import UserError, add_command, load_checkpoint
+from ..evaluation.runner import EvalSettings
+from . import UserError, add_command, add_settings_arguments, load_checkpoint, settings_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -20,16 +21,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--tasks", default="wikitext2,hellaswag,arc_easy,piqa,mmlu",
                         help="comma-separated: wikitext2, hellaswag, arc_easy, piqa, mmlu (5-shot), mmlu_0shot, "
                              "or a .jsonl file of {context, choices, label} lines")
-    parser.add_argument("--data-dir", required=True,
-                        help="folder holding the evaluation sets (layout in docs/results.md)")
     parser.add_argument("--out", required=True,
                         help="results JSON (resumed if it exists); .csv and .png are written beside it")
-    parser.add_argument("--limit", type=int, default=None, help="seeded subset of N items per multiple-choice task")
-    parser.add_argument("--mmlu-limit", type=int, default=None, help="seeded subset of N questions per MMLU subject")
-    parser.add_argument("--seed", type=int, default=1234, help="seed of the subsets (default: 1234)")
-    parser.add_argument("--ppl-window", type=int, default=2048, help="perplexity window in tokens (default: 2048)")
-    parser.add_argument("--ppl-stride", type=int, default=None, help="window stride (default: the window, no overlap)")
-    parser.add_argument("--ppl-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    add_settings_arguments(parser, EvalSettings)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
 
 
@@ -39,16 +33,14 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     from ..evaluation.report import format_table, plot_frontier, write_csv
-    from ..evaluation.runner import EvalSettings, evaluate_shapes
+    from ..evaluation.runner import evaluate_shapes
     from ..modeling.shape_space import parse_shapes
 
-    if not Path(args.data_dir).is_dir():
-        raise UserError(f"--data-dir {args.data_dir} is not a folder")
+    settings = settings_from_args(EvalSettings, args)
+    settings.validate()
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out)
-    settings = EvalSettings(args.data_dir, args.limit, args.mmlu_limit, args.seed, args.ppl_window, args.ppl_stride,
-                            args.ppl_tokens)
     model = load_checkpoint(args.model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     shapes = parse_shapes(args.shapes, model.shape_space)

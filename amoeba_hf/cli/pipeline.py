@@ -3,7 +3,8 @@
 import argparse
 
 from ..io import ensure_free_output_dir, save_checkpoint
-from . import add_command
+from ..pipeline.build import BuildSettings
+from . import add_command, add_settings_arguments, settings_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -19,26 +20,14 @@ def _register_build(commands: argparse._SubParsersAction) -> None:
         "  amoeba build --model HuggingFaceTB/SmolLM2-360M-Instruct --data alpaca.json --preset standard --out smol360",
         resumable=True,
     )
-    parser.add_argument("--model", default=None, help="Hub id, folder or .gguf (default: embedded SmolLM2-135M)")
-    parser.add_argument("--data", nargs="+", default=None,
-                        help="calibration/fine-tuning files (default: the base model answers bundled prompts)")
-    parser.add_argument("--eval-data", default=None, help="text file for the final perplexity table")
-    parser.add_argument("--preset", default="quick", choices=["quick", "standard"])
     parser.add_argument("--out", required=True, help="new folder for the checkpoint; re-run to resume")
-    parser.add_argument("--min-depth", type=int, default=None, help="smallest depth (default: half the layers)")
-    parser.add_argument("--steps", type=int, default=None, help="override the preset's training steps")
-    parser.add_argument("--generated-tokens", type=int, default=None,
-                        help="override the preset's length of each self-generated answer")
-    parser.add_argument("--seed", type=int, default=0)
+    add_settings_arguments(parser, BuildSettings)
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
     from ..pipeline.build import build, format_report
 
-    overrides = {key: value for key, value in (("steps", args.steps), ("generated_tokens", args.generated_tokens))
-                 if value is not None}
-    report = build(args.model, args.out, preset=args.preset, data=args.data, eval_data=args.eval_data,
-                   min_depth=args.min_depth, seed=args.seed, overrides=overrides)
+    report = build(settings_from_args(BuildSettings, args), args.out)
     print(format_report(report))
     print(f"checkpoint: {args.out} (frontier plot: {args.out}/frontier.png, log: {args.out}/build.log); "
           f"total {report['seconds'] / 60:.1f} min")

@@ -40,22 +40,28 @@ MODES = ("elastic", "exported")
 
 @dataclass(frozen=True)
 class ProfileSettings:
-    """What is measured, and therefore part of the cache key. Repetitions only change precision, so they are not.
+    """What is measured, and therefore part of the cache key; also flags of `amoeba profile` and `amoeba search`.
+    Repetitions only change precision, so they are not here.
 
     Each batch size runs every prompt length (prefill), then decodes `new_tokens` greedy steps after the longest
     prompt. Batch 1 prefill is the time to first token.
     """
 
-    prompt_lengths: tuple[int, ...] = (128,)
-    batch_sizes: tuple[int, ...] = (1, 4)
-    new_tokens: int = 16
+    prompt_lengths: tuple[int, ...] = field(default=(128,), metadata={"help": "prefill lengths in tokens"})
+    batch_sizes: tuple[int, ...] = field(default=(1, 4), metadata={"help": "batch sizes to measure"})
+    new_tokens: int = field(default=16, metadata={"help": "decode steps measured after the longest prompt"})
 
     def __post_init__(self):
+        """Validated and normalised (sorted, without repeats) on creation: an instance is a cache key."""
+        self.validate()
+        for name in ("prompt_lengths", "batch_sizes"):
+            object.__setattr__(self, name, tuple(sorted(set(getattr(self, name)))))
+
+    def validate(self) -> None:
         for name in ("prompt_lengths", "batch_sizes"):
             values = tuple(getattr(self, name))
             if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
                 raise ValueError(f"{name} must be positive integers, got {values!r}")
-            object.__setattr__(self, name, tuple(sorted(set(values))))
         if isinstance(self.new_tokens, bool) or not isinstance(self.new_tokens, int) or self.new_tokens < 1:
             raise ValueError(f"new_tokens must be a positive integer, got {self.new_tokens!r}")
 

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..evaluation.report import LOWER_IS_BETTER, headline_columns, metric_columns
+from ..evaluation.report import LOWER_IS_BETTER, headline_columns, metric_columns, pareto_front
 from ..evaluation.runner import EvalSettings, evaluate_shapes
 from ..evaluation.tasks import task_label
 from ..modeling.shape_space import shape_key
+from ..plotting import png_figure
 from .profile import CACHE_DIR, MODES, DeviceProfile, ProfileSettings, profile_checkpoint
 
 QUICK_EVAL_FILE = f"{CACHE_DIR}/amoeba_quick_eval.json"
@@ -148,17 +149,6 @@ def _cost(candidate: Candidate, resource: Resource) -> float:
     return value if resource.lower_is_better else -value
 
 
-def pareto_frontier(candidates: list[Candidate], resource: Resource, lower_is_better: bool) -> list[Candidate]:
-    """Candidates that no cheaper-or-equal candidate beats in quality, cheapest first."""
-    frontier, best = [], math.inf
-    for candidate in sorted(candidates, key=lambda c: (_cost(c, resource), _quality_order(c.quality, lower_is_better))):
-        order = _quality_order(candidate.quality, lower_is_better)
-        if order < best:
-            frontier.append(candidate)
-            best = order
-    return frontier
-
-
 def search_shape(
     candidates: list[Candidate], budget: Budget, *, quality_label: str, lower_is_better: bool, context: str = ""
 ) -> SearchResult:
@@ -180,8 +170,9 @@ def search_shape(
     primary = limits[0][0]
     best = min(feasible, key=lambda c: (_quality_order(c.quality, lower_is_better), _cost(c, primary), c.parameters))
     within_others = [c for c in candidates if all(_meets(c, resource, limit) for resource, limit in limits[1:])]
-    return SearchResult(best, pareto_frontier(within_others, primary, lower_is_better), candidates, budget,
-                        quality_label, lower_is_better, context)
+    frontier = pareto_front(within_others, cost=lambda c: _cost(c, primary),
+                            badness=lambda c: _quality_order(c.quality, lower_is_better))
+    return SearchResult(best, frontier, candidates, budget, quality_label, lower_is_better, context)
 
 
 def _meets(candidate: Candidate, resource: Resource, limit: float) -> bool:
@@ -387,15 +378,17 @@ def _number(value: float | None, digits: int = 3) -> str:
 def plot_search(result: SearchResult, path: str | Path) -> None:
     """PNG: quality against the budget's resource (frontier, limit, choice); with measurements, also measured
     decode latency against parameters, where the dashed line is the parameter-count prediction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    resource, limit = result.budget.limits()[0]
     with_latency = all(c.latency_ms is not None for c in result.candidates)
-    figure, axes = plt.subplots(1, 2 if with_latency else 1, figsize=(11 if with_latency else 5.5, 4.2), squeeze=False)
-    axis = axes[0][0]
+    size = (11, 4.2) if with_latency else (5.5, 4.2)
+    with png_figure(path, 2 if with_latency else 1, size=size) as (figure, axes):
+        _plot_quality_vs_cost(axes[0], result)
+        if with_latency:
+            _plot_latency_vs_parameters(axes[1], result.candidates)
+        figure.suptitle(result.context, fontsize=8)
+
+
+def _plot_quality_vs_cost(axis, result: SearchResult) -> None:
+    resource, limit = result.budget.limits()[0]
     scale = 1e-6 if resource is PARAMETERS else 1.0
     xs = [c.value(resource) * scale for c in result.candidates]
     axis.scatter(xs, [c.quality for c in result.candidates], s=14, color="tab:gray", label="shapes")
@@ -415,28 +408,25 @@ def plot_search(result: SearchResult, path: str | Path) -> None:
     axis.set_title("quality vs measured cost" if resource is not PARAMETERS else "quality vs size", fontsize=9)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=7)
-    if with_latency:
-        axis = axes[0][1]
-        largest = max(result.candidates, key=lambda c: c.parameters)
-        params = [c.parameters / 1e6 for c in result.candidates]
-        axis.scatter(params, [c.latency_ms for c in result.candidates], s=14, color="tab:blue", label="measured")
-        for candidate in result.candidates:
-            axis.annotate(candidate.key, (candidate.parameters / 1e6, candidate.latency_ms), fontsize=6,
-                          xytext=(2, 2), textcoords="offset points")
-        slope = largest.latency_ms / largest.parameters
-        axis.plot([0, largest.parameters / 1e6], [0, slope * largest.parameters], "--", color="tab:gray",
-                  label="proportional to parameters")
-        axis.set_xlim(left=min(params) * 0.9)
-        axis.set_ylim(bottom=min(c.latency_ms for c in result.candidates) * 0.9)
-        axis.set_xlabel("parameters (M)")
-        axis.set_ylabel("decode latency (ms/token)")
-        axis.set_title("measured speed is not parameter count", fontsize=9)
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.suptitle(result.context, fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=120)
-    plt.close(figure)
+
+
+def _plot_latency_vs_parameters(axis, candidates: list[Candidate]) -> None:
+    largest = max(candidates, key=lambda c: c.parameters)
+    params = [c.parameters / 1e6 for c in candidates]
+    axis.scatter(params, [c.latency_ms for c in candidates], s=14, color="tab:blue", label="measured")
+    for candidate in candidates:
+        axis.annotate(candidate.key, (candidate.parameters / 1e6, candidate.latency_ms), fontsize=6,
+                      xytext=(2, 2), textcoords="offset points")
+    slope = largest.latency_ms / largest.parameters
+    axis.plot([0, largest.parameters / 1e6], [0, slope * largest.parameters], "--", color="tab:gray",
+              label="proportional to parameters")
+    axis.set_xlim(left=min(params) * 0.9)
+    axis.set_ylim(bottom=min(c.latency_ms for c in candidates) * 0.9)
+    axis.set_xlabel("parameters (M)")
+    axis.set_ylabel("decode latency (ms/token)")
+    axis.set_title("measured speed is not parameter count", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
 
 
 __all__ = [
@@ -448,7 +438,6 @@ __all__ = [
     "SearchResult",
     "build_candidates",
     "format_search",
-    "pareto_frontier",
     "plot_search",
     "quick_quality",
     "search_checkpoint",

@@ -2,9 +2,15 @@
 
 import csv
 import io
+import math
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 from ..io import write_text_atomically
+from ..plotting import png_figure
+
+T = TypeVar("T")
 
 LOWER_IS_BETTER = {"ppl"}
 METRIC_ORDER = ("ppl", "acc", "acc_norm")
@@ -63,49 +69,56 @@ def write_csv(results: dict, path: str | Path) -> None:
     write_text_atomically(path, buffer.getvalue())
 
 
-def pareto_front(points: list[tuple[int, float]], lower_is_better: bool) -> list[tuple[int, float]]:
-    """Points (parameters, value) that no smaller-or-equal model beats, in order of size."""
-    front = []
-    for parameters, value in sorted(points, key=lambda p: (p[0], p[1] if lower_is_better else -p[1])):
-        if not front or (value < front[-1][1] if lower_is_better else value > front[-1][1]):
-            front.append((parameters, value))
+def pareto_front(items: Iterable[T], cost: Callable[[T], float], badness: Callable[[T], float]) -> list[T]:
+    """Items that no cheaper-or-equal item beats, cheapest first: the accuracy-efficiency frontier.
+
+    `badness` orders quality, smaller is better (a perplexity, or minus an accuracy); NaN (a diverged evaluation)
+    is worse than anything and never on the front.
+    """
+    front, best = [], math.inf
+    for item in sorted(items, key=lambda i: (cost(i), _nan_last(badness(i)))):
+        order = _nan_last(badness(item))
+        if order < best:
+            front.append(item)
+            best = order
     return front
+
+
+def _nan_last(value: float) -> float:
+    return math.inf if math.isnan(value) else value
 
 
 def plot_frontier(results: dict, path: str | Path) -> None:
     """One panel per task: every shape as a dot, the best-for-its-size shapes joined as the frontier (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     columns = headline_columns(results)
     if not columns:
         raise ValueError("no finished results to plot")
-    figure, axes = plt.subplots(1, len(columns), figsize=(4.2 * len(columns), 3.6), squeeze=False)
-    for axis, (task, metric) in zip(axes[0], columns):
-        points = [
-            (entry["parameters"], entry["tasks"][task][metric], key)
-            for key, entry in results["shapes"].items() if task in entry["tasks"]
-        ]
-        scale = 1 if metric in LOWER_IS_BETTER else 100
-        axis.scatter([p / 1e6 for p, _, _ in points], [v * scale for _, v, _ in points], s=18, color="tab:blue")
-        for parameters, value, key in points:
-            axis.annotate(key, (parameters / 1e6, value * scale), fontsize=6, xytext=(2, 2), textcoords="offset points")
-        front = pareto_front([(p, v) for p, v, _ in points], metric in LOWER_IS_BETTER)
-        axis.step([p / 1e6 for p, _ in front], [v * scale for _, v in front], where="post", color="tab:red",
-                  label="frontier")
-        if metric in LOWER_IS_BETTER:
-            axis.set_yscale("log")
-        axis.set_title(f"{task} {metric}")
-        axis.set_xlabel("parameters (M)")
-        axis.set_ylabel(metric if metric in LOWER_IS_BETTER else f"{metric} (%)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
-    figure.suptitle(results["model"], fontsize=9)
-    figure.tight_layout()
-    figure.savefig(path, format="png", dpi=120)
-    plt.close(figure)
+    with png_figure(path, len(columns), size=(4.2 * len(columns), 3.6)) as (figure, axes):
+        for axis, (task, metric) in zip(axes, columns):
+            _plot_task(axis, results, task, metric)
+        figure.suptitle(results["model"], fontsize=9)
+
+
+def _plot_task(axis, results: dict, task: str, metric: str) -> None:
+    points = [
+        (entry["parameters"], entry["tasks"][task][metric], key)
+        for key, entry in results["shapes"].items() if task in entry["tasks"]
+    ]
+    lower_is_better = metric in LOWER_IS_BETTER
+    scale = 1 if lower_is_better else 100
+    axis.scatter([p / 1e6 for p, _, _ in points], [v * scale for _, v, _ in points], s=18, color="tab:blue")
+    for parameters, value, key in points:
+        axis.annotate(key, (parameters / 1e6, value * scale), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    front = pareto_front(points, cost=lambda p: p[0], badness=lambda p: p[1] if lower_is_better else -p[1])
+    axis.step([p / 1e6 for p, _, _ in front], [v * scale for _, v, _ in front], where="post", color="tab:red",
+              label="frontier")
+    if lower_is_better:
+        axis.set_yscale("log")
+    axis.set_title(f"{task} {metric}")
+    axis.set_xlabel("parameters (M)")
+    axis.set_ylabel(metric if lower_is_better else f"{metric} (%)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
 
 
 __all__ = ["format_table", "headline_columns", "metric_columns", "pareto_front", "plot_frontier", "write_csv"]

@@ -6,7 +6,7 @@ results file written with other settings is refused rather than mixed.
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -20,15 +20,31 @@ from .tasks import load_task, task_label
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """Everything that determines the numbers (batch size does not, so it may change when resuming)."""
+    """Everything that determines the numbers, also the flags of `amoeba eval` (batch size does not determine them,
+    so it is not here and may change when resuming)."""
 
-    data_dir: str
-    limit: int | None = None
-    mmlu_limit: int | None = None
-    seed: int = 1234
-    ppl_window: int = 2048
-    ppl_stride: int | None = None
-    ppl_tokens: int | None = None
+    data_dir: str = field(
+        metadata={"help": "folder holding the evaluation sets (layout in docs/results.md)", "required": True}
+    )
+    limit: int | None = field(default=None, metadata={"help": "seeded subset of N items per multiple-choice task"})
+    mmlu_limit: int | None = field(
+        default=None, metadata={"help": "seeded subset of N questions per MMLU subject"}
+    )
+    seed: int = field(default=1234, metadata={"help": "seed of the subsets"})
+    ppl_window: int = field(default=2048, metadata={"help": "perplexity window in tokens"})
+    ppl_stride: int | None = field(
+        default=None, metadata={"help": "window stride (default: the window, no overlap)"}
+    )
+    ppl_tokens: int | None = field(default=None, metadata={"help": "score only the first N tokens of the text"})
+
+    def validate(self) -> None:
+        """Check the settings before a model is loaded."""
+        if not Path(self.data_dir).is_dir():
+            raise ValueError(f"data_dir {self.data_dir} (--data-dir) is not a folder")
+        for name in ("limit", "mmlu_limit", "ppl_window", "ppl_stride", "ppl_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _load_results(out: Path, header: dict) -> dict:

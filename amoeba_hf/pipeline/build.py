@@ -12,6 +12,8 @@ import shutil
 import signal
 import statistics
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -20,42 +22,107 @@ from transformers import TrainerCallback
 
 from ..evaluation.scoring import perplexity
 from ..io import ensure_free_output_dir, save_checkpoint, staged_checkpoint
+from ..plotting import png_figure
 from ..selection.calibrate import CalibrationSettings, calibrate
 from ..training.finetune import FinetuneSettings, finetune
 from ..training.self_generated import SEED_INSTRUCTIONS, generate_self_data
 from .sources import check_source, load_or_convert
 
 HELD_OUT = 8
+DEFAULT_MODEL_NAME = "embedded SmolLM2-135M-Instruct"
 FAULT_ENV = "AMOEBA_BUILD_FAULT"
+BUILD_WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5)
 
 
-@dataclass
+@dataclass(frozen=True)
 class BuildPreset:
     """Sizes of every step, for SmolLM2-135M on 2 CPU cores: `quick` fits 15 minutes, `standard` 90.
 
+    The stages' own settings, without what a build decides per run (data files, seed, minimum depth, teacher).
     Router noise is off: on budgets of hundreds of steps it scatters each shape's updates over random experts
     (benchmarks/bench_oneforall.py); the paper's noise is for ~10K steps (`amoeba train` keeps it on).
     """
 
     generated_tokens: int
-    calibration_samples: int
-    calibration_seq_len: int
-    depth_method: str
-    steps: int
-    batch_size: int
-    grad_accum: int
-    max_prompt_tokens: int
-    max_response_tokens: int
-    experts: int = 5
-    router_noise: bool = False
-    widths: list[float] = field(default_factory=lambda: [1.0, 0.875, 0.75, 0.625, 0.5])
-    eval_tokens: int = 2048
+    calibration: CalibrationSettings
+    finetuning: FinetuneSettings
+    eval_tokens: int
 
 
+QUICK = BuildPreset(
+    generated_tokens=96,
+    calibration=CalibrationSettings(samples=8, seq_len=128, depth_method="block-influence", widths=list(BUILD_WIDTHS)),
+    finetuning=FinetuneSettings(steps=40, batch_size=2, grad_accum=1, max_prompt_tokens=160, max_response_tokens=96,
+                                router_noise=False),
+    eval_tokens=2048,
+)
 PRESETS = {
-    "quick": BuildPreset(96, 8, 128, "block-influence", 40, 2, 1, 160, 96),
-    "standard": BuildPreset(192, 8, 128, "dp", 50, 2, 2, 256, 192, eval_tokens=8192),
+    "quick": QUICK,
+    "standard": BuildPreset(
+        generated_tokens=192,
+        calibration=replace(QUICK.calibration, depth_method="dp"),
+        finetuning=replace(QUICK.finetuning, steps=50, grad_accum=2, max_prompt_tokens=256, max_response_tokens=192),
+        eval_tokens=8192,
+    ),
 }
+
+
+@dataclass
+class BuildSettings:
+    """What `amoeba build` is asked for (its flags): the model, the data, a preset and the few overrides."""
+
+    model: str | None = field(
+        default=None, metadata={"help": "Hub id, folder or .gguf (default: embedded SmolLM2-135M)"}
+    )
+    data: list[str] | None = field(
+        default=None,
+        metadata={"help": "calibration/fine-tuning files (default: the base model answers bundled prompts)",
+                  "nargs": "+"},
+    )
+    eval_data: str | None = field(default=None, metadata={"help": "text file for the final perplexity table"})
+    preset: str = field(
+        default="quick",
+        metadata={"help": "sizes of every step: quick (~15 min on 2 CPU cores) or standard (~90 min)",
+                  "choices": tuple(PRESETS)},
+    )
+    min_depth: int | None = field(default=None, metadata={"help": "smallest depth (default: half the layers)"})
+    steps: int | None = field(default=None, metadata={"help": "override the preset's training steps"})
+    generated_tokens: int | None = field(
+        default=None, metadata={"help": "override the preset's length of each self-generated answer"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of data generation, calibration and fine-tuning"})
+
+    def validate(self) -> None:
+        """Everything that can be checked before a folder is made or a model is loaded."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
+        for path in [*(self.data or []), *([self.eval_data] if self.eval_data else [])]:
+            if not Path(path).is_file() or not os.access(path, os.R_OK):
+                raise FileNotFoundError(f"data file {path} does not exist or is not readable")
+        if self.min_depth is not None and self.min_depth < 1:
+            raise ValueError(f"min_depth must be >= 1, got {self.min_depth}")
+        generated_tokens = self.resolved_preset().generated_tokens
+        if generated_tokens < 1:
+            raise ValueError(f"generated_tokens must be >= 1, got {generated_tokens}")
+        self.finetuning([]).validate()
+
+    def resolved_preset(self) -> BuildPreset:
+        """The preset with this build's overrides applied."""
+        preset = PRESETS[self.preset]
+        if self.generated_tokens is not None:
+            preset = replace(preset, generated_tokens=self.generated_tokens)
+        if self.steps is not None:
+            preset = replace(preset, finetuning=replace(preset.finetuning, steps=self.steps))
+        return preset
+
+    def calibration(self, data_file: str) -> CalibrationSettings:
+        return replace(self.resolved_preset().calibration, data=data_file, min_depth=self.min_depth, seed=self.seed)
+
+    def finetuning(self, train_files: list[str]) -> FinetuneSettings:
+        """Stage 2 of a build: distilled from the base model when it generated the data itself."""
+        finetuning = self.resolved_preset().finetuning
+        return replace(finetuning, data=train_files, distill_teacher="largest" if self.data else "base",
+                       save_steps=max(1, math.ceil(finetuning.steps / 4)), seed=self.seed)
 
 
 def _fault(stage: str):
@@ -129,134 +196,146 @@ def evaluate(model, eval_ids: torch.Tensor, shapes, label: str) -> list[dict]:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for label in dict.fromkeys(r["model"] for r in rows):
-        points = sorted((r["parameters"] / 1e6, r["perplexity"]) for r in rows if r["model"] == label)
-        axis.plot(*zip(*points), marker="o", label=label)
-    axis.set_xlabel("parameters (M)")
-    axis.set_ylabel("held-out perplexity")
-    axis.set_yscale("log")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    """Held-out perplexity against parameters, one line per model (before and after fine-tuning)."""
+    with png_figure(path) as (_, (axis,)):
+        for label in dict.fromkeys(r["model"] for r in rows):
+            points = sorted((r["parameters"] / 1e6, r["perplexity"]) for r in rows if r["model"] == label)
+            axis.plot(*zip(*points), marker="o", label=label)
+        axis.set_xlabel("parameters (M)")
+        axis.set_ylabel("held-out perplexity")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+        axis.legend()
 
 
-def _finetune_settings(settings: BuildPreset, train_files: list[str], data: list[str] | None,
-                       seed: int) -> FinetuneSettings:
-    """Stage 2 of a build: distilled from the base model when it generated the data itself."""
-    return FinetuneSettings(
-        data=train_files, steps=settings.steps, batch_size=settings.batch_size, grad_accum=settings.grad_accum,
-        max_prompt_tokens=settings.max_prompt_tokens, max_response_tokens=settings.max_response_tokens,
-        experts=settings.experts, router_noise=settings.router_noise, distill_teacher="largest" if data else "base",
-        save_steps=max(1, math.ceil(settings.steps / 4)), seed=seed,
-    )
+class BuildWork:
+    """The work folder beside the output: every step's result, the log, and how long each step took in this run."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+        self.log = BuildLog(folder / "build.log")
+        self.timings: dict[str, float] = {}
+
+    @contextmanager
+    def step(self, name: str, message: str) -> Iterator[None]:
+        """Log the step's start and time it (a step skipped on resumption is not timed)."""
+        self.log(message)
+        start = time.perf_counter()
+        yield
+        self.timings[name] = time.perf_counter() - start
 
 
-def build(model: str | None, out: str | os.PathLike, preset: str = "quick", data: list[str] | None = None,
-          eval_data: str | None = None, min_depth: int | None = None, seed: int = 0,
-          overrides: dict | None = None) -> dict:
-    """The whole pipeline; returns the report. Re-run with the same arguments to resume."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    settings = replace(PRESETS[preset], **(overrides or {}))
-    for path in [*(data or []), *([eval_data] if eval_data else [])]:
-        if not Path(path).is_file() or not os.access(path, os.R_OK):
-            raise FileNotFoundError(f"data file {path} does not exist or is not readable")
-    if min_depth is not None and min_depth < 1:
-        raise ValueError(f"min_depth must be >= 1, got {min_depth}")
-    if settings.generated_tokens < 1:
-        raise ValueError(f"generated_tokens must be >= 1, got {settings.generated_tokens}")
-    _finetune_settings(settings, [], data, seed).validate()
-    check_source(model)
+@dataclass
+class BuildData:
+    """Where each stage reads its data: given by the user, or generated by the base model (held-out part apart)."""
+
+    calibration_file: str
+    train_files: list[str]
+    eval_file: str
+
+
+def build(settings: BuildSettings, out: str | os.PathLike) -> dict:
+    """The whole pipeline; returns the report. Re-run with the same settings to resume."""
+    settings.validate()
+    check_source(settings.model)
     out = ensure_free_output_dir(out)
-    work = out.parent / f".{out.name}.build"
-    work.mkdir(parents=True, exist_ok=True)
-    log = BuildLog(work / "build.log")
+    work = BuildWork(out.parent / f".{out.name}.build")
     started = time.perf_counter()
-    timings: dict[str, float] = {}
-    torch.manual_seed(seed)
+    torch.manual_seed(settings.seed)
+    preset = settings.resolved_preset()
 
-    converted = work / "converted"
-    if not converted.exists():
-        log(f"1/5 convert {model or 'embedded SmolLM2-135M-Instruct'}")
-        step = time.perf_counter()
-        base, tokenizer = load_or_convert(model, min_depth=min_depth)
-        save_checkpoint(base, tokenizer, converted)
-        timings["convert"] = time.perf_counter() - step
-    base, tokenizer = load_or_convert(str(converted))
-
-    if data:
-        calibration_file, train_files = data[0], list(data)
-        eval_data = eval_data or data[0]
-    else:
-        generated = work / "self_generated.jsonl"
-        complete = generated.exists() and len(generated.read_text().splitlines()) >= len(SEED_INSTRUCTIONS)
-        if not complete:
-            log(f"2/5 generate calibration and fine-tuning data with the base model ({len(SEED_INSTRUCTIONS)} answers)")
-            step = time.perf_counter()
-            generate_self_data(base, tokenizer, generated, max_new_tokens=settings.generated_tokens, seed=seed,
-                               on_batch=_fault("data"))
-            timings["data"] = time.perf_counter() - step
-        records = [json.loads(line) for line in generated.read_text().splitlines()]
-        train_part = work / "train_data.jsonl"
-        if not train_part.exists():
-            train_part.write_text("".join(json.dumps(r) + "\n" for r in records[:-HELD_OUT]))
-        calibration_file, train_files = str(train_part), [str(train_part)]
-        if eval_data is None:
-            held_out = work / "held_out.txt"
-            if not held_out.exists():
-                held_out.write_text("\n".join(r["text"] for r in records[-HELD_OUT:]) + "\n")
-            eval_data = str(held_out)
-    eval_text = Path(eval_data).read_text()
-    eval_ids = tokenizer(eval_text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    eval_ids = eval_ids[: settings.eval_tokens]
-
-    calibrated = work / "calibrated"
-    if not calibrated.exists():
-        log(f"3/5 calibrate: widths by importance, depths by {settings.depth_method}")
-        step = time.perf_counter()
-        calibration = CalibrationSettings(
-            data=calibration_file, samples=settings.calibration_samples, seq_len=settings.calibration_seq_len,
-            depth_method=settings.depth_method, widths=settings.widths, min_depth=min_depth, seed=seed,
-        )
-        report = calibrate(base, tokenizer, calibration, state_dir=work / "calibrate-state",
-                           on_progress=_fault("calibrate"))
-        save_checkpoint(base, tokenizer, calibrated, files={"calibration.json": json.dumps(asdict(report), indent=2)})
-        timings["calibrate"] = time.perf_counter() - step
-    model_obj, tokenizer = load_or_convert(str(calibrated))
-    shapes = eval_shapes(model_obj.shape_space)
-
-    baseline_file = work / "eval_no_finetuning.json"
-    if not baseline_file.exists():
-        log("4/5 evaluate the calibrated model before fine-tuning")
-        baseline_file.write_text(json.dumps(evaluate(model_obj.eval(), eval_ids, shapes, "no fine-tuning")))
-    baseline = json.loads(baseline_file.read_text())
-
-    log(f"5/5 one-for-all fine-tuning: {settings.steps} steps of batch {settings.batch_size}x{settings.grad_accum}")
-    step = time.perf_counter()
-    finetune(model_obj, tokenizer, _finetune_settings(settings, train_files, data, seed), work / "train",
-             callbacks=[_FaultCallback()])
-    timings["train"] = time.perf_counter() - step
-    trained = evaluate(model_obj, eval_ids, shapes, "one-for-all")
+    base, tokenizer = convert_step(work, settings)
+    data = data_step(work, settings, preset, base, tokenizer)
+    eval_ids = tokenizer(Path(data.eval_file).read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    eval_ids = eval_ids[: preset.eval_tokens]
+    model, tokenizer = calibrate_step(work, settings.calibration(data.calibration_file), base, tokenizer)
+    shapes = eval_shapes(model.shape_space)
+    baseline = baseline_step(work, model, eval_ids, shapes)
+    finetuning = settings.finetuning(data.train_files)
+    finetune_step(work, finetuning, model, tokenizer)
+    trained = evaluate(model, eval_ids, shapes, "one-for-all")
 
     rows = baseline + trained
-    report = {"preset": preset, "settings": asdict(settings), "model": model or "embedded SmolLM2-135M-Instruct",
-              "eval_data": eval_data, "rows": rows, "seconds": time.perf_counter() - started, "step_seconds": timings}
+    report = {"preset": settings.preset, "settings": asdict(preset), "model": settings.model or DEFAULT_MODEL_NAME,
+              "eval_data": data.eval_file, "rows": rows, "seconds": time.perf_counter() - started,
+              "step_seconds": work.timings}
+    save_step(work, out, model, tokenizer, report, trained)
+    return report
+
+
+def convert_step(work: BuildWork, settings: BuildSettings):
+    """1/5: the source model as an any-shape checkpoint, loaded from the work folder."""
+    converted = work.folder / "converted"
+    if not converted.exists():
+        with work.step("convert", f"1/5 convert {settings.model or DEFAULT_MODEL_NAME}"):
+            base, tokenizer = load_or_convert(settings.model, min_depth=settings.min_depth)
+            save_checkpoint(base, tokenizer, converted)
+    return load_or_convert(str(converted))
+
+
+def data_step(work: BuildWork, settings: BuildSettings, preset: BuildPreset, base, tokenizer) -> BuildData:
+    """2/5: the user's files, or the base model's answers to the bundled instructions (the last ones held out)."""
+    if settings.data:
+        return BuildData(settings.data[0], list(settings.data), settings.eval_data or settings.data[0])
+    generated = work.folder / "self_generated.jsonl"
+    complete = generated.exists() and len(generated.read_text().splitlines()) >= len(SEED_INSTRUCTIONS)
+    if not complete:
+        message = f"2/5 generate calibration and fine-tuning data with the base model ({len(SEED_INSTRUCTIONS)} answers)"
+        with work.step("data", message):
+            generate_self_data(base, tokenizer, generated, max_new_tokens=preset.generated_tokens, seed=settings.seed,
+                               on_batch=_fault("data"))
+    records = [json.loads(line) for line in generated.read_text().splitlines()]
+    train_part = work.folder / "train_data.jsonl"
+    if not train_part.exists():
+        train_part.write_text("".join(json.dumps(r) + "\n" for r in records[:-HELD_OUT]))
+    eval_file = settings.eval_data
+    if eval_file is None:
+        held_out = work.folder / "held_out.txt"
+        if not held_out.exists():
+            held_out.write_text("\n".join(r["text"] for r in records[-HELD_OUT:]) + "\n")
+        eval_file = str(held_out)
+    return BuildData(str(train_part), [str(train_part)], eval_file)
+
+
+def calibrate_step(work: BuildWork, calibration: CalibrationSettings, base, tokenizer):
+    """3/5: Stage 1 on the converted model, loaded back from the work folder."""
+    calibrated = work.folder / "calibrated"
+    if not calibrated.exists():
+        with work.step("calibrate", f"3/5 calibrate: widths by importance, depths by {calibration.depth_method}"):
+            report = calibrate(base, tokenizer, calibration, state_dir=work.folder / "calibrate-state",
+                               on_progress=_fault("calibrate"))
+            save_checkpoint(base, tokenizer, calibrated,
+                            files={"calibration.json": json.dumps(asdict(report), indent=2)})
+    return load_or_convert(str(calibrated))
+
+
+def baseline_step(work: BuildWork, model, eval_ids: torch.Tensor, shapes) -> list[dict]:
+    """4/5: the calibrated model's rows before fine-tuning (kept in the work folder)."""
+    baseline_file = work.folder / "eval_no_finetuning.json"
+    if not baseline_file.exists():
+        work.log("4/5 evaluate the calibrated model before fine-tuning")
+        baseline_file.write_text(json.dumps(evaluate(model.eval(), eval_ids, shapes, "no fine-tuning")))
+    return json.loads(baseline_file.read_text())
+
+
+def finetune_step(work: BuildWork, finetuning: FinetuneSettings, model, tokenizer) -> None:
+    """5/5: Stage 2, resumed from the newest complete checkpoint in the work folder."""
+    message = (f"5/5 one-for-all fine-tuning: {finetuning.steps} steps of batch "
+               f"{finetuning.batch_size}x{finetuning.grad_accum}")
+    with work.step("train", message):
+        finetune(model, tokenizer, finetuning, work.folder / "train", callbacks=[_FaultCallback()])
+
+
+def save_step(work: BuildWork, out: Path, model, tokenizer, report: dict, trained: list[dict]) -> None:
+    """The checkpoint with its evaluation table, report, plot and log, written atomically; then the work folder goes."""
     eval_rows = [{"depth": r["depth"], "width": r["width"], "held-out ppl": round(r["perplexity"], 3),
                   "prefill tok/s": round(r["prefill_tokens_per_s"], 1)} for r in trained]
     files = {"amoeba_eval.json": json.dumps(eval_rows, indent=2), "build_report.json": json.dumps(report, indent=2)}
-    with staged_checkpoint(model_obj, tokenizer, out, files) as staging:
-        plot(rows, staging / "frontier.png")
-        shutil.copy(work / "build.log", staging / "build.log")
-    shutil.rmtree(work, ignore_errors=True)
-    return report
+    with staged_checkpoint(model, tokenizer, out, files) as staging:
+        plot(report["rows"], staging / "frontier.png")
+        shutil.copy(work.folder / "build.log", staging / "build.log")
+    shutil.rmtree(work.folder, ignore_errors=True)
 
 
 def format_report(report: dict) -> str:

@@ -113,11 +113,13 @@ def instruction_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str, con
 def instruction_dataset(
     path: str | Path,
     tokenizer: PreTrainedTokenizerBase,
-    max_prompt_tokens: int = 384,
-    max_response_tokens: int = 128,
+    max_prompt_tokens: int,
+    max_response_tokens: int,
     template: str = "auto",
 ) -> Dataset:
     """Alpaca JSON/JSONL (`instruction`, optional `input`, `output`) tokenised with labels on the response only.
+
+    The lengths have no defaults here: `FinetuneSettings` holds them (one source for the CLI and Python).
 
     Prompts keep their last `max_prompt_tokens` tokens (the instruction's end and the response header matter
     most); responses keep their first `max_response_tokens` tokens and end with EOS when it fits.

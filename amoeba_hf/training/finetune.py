@@ -1,7 +1,7 @@
 """Stage 2 end to end: attach SMoL, build the data, run `AmoebaTrainer`, resume from the last checkpoint."""
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import concatenate_datasets
@@ -10,36 +10,62 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .data import TEMPLATES, TEXT_FIELDS, instruction_dataset, load_instructions, load_records, text_dataset
-from .trainer import AmoebaTrainer, AmoebaTrainingArguments
+from .trainer import TEACHERS, AmoebaTrainer, AmoebaTrainingArguments
 
 
 @dataclass
 class FinetuneSettings:
-    """The recipe; defaults follow AmoebaLLM scaled to a CPU budget (see docs/usage.md)."""
+    """Stage 2's recipe, also the flags of `amoeba train`; defaults follow AmoebaLLM scaled to a CPU budget.
 
-    data: list[str]
-    steps: int = 200
-    batch_size: int = 2
-    grad_accum: int = 4
-    learning_rate: float = 2e-4
-    max_grad_norm: float = 0.3
-    max_prompt_tokens: int = 256
-    max_response_tokens: int = 128
-    text_block_size: int = 256
-    template: str = "auto"
-    experts: int = 5
-    top_k: int = 2
-    rank: int = 8
-    alpha: float = 16.0
-    router_noise: bool = True
-    random_shapes: int = 2
-    widths: list[float] | None = None
-    distillation: bool = True
-    distill_teacher: str = "largest"
-    loss_balancing: bool = True
-    train_base: bool = False
-    save_steps: int = 50
-    seed: int = 0
+    `training_arguments` turns it into the `AmoebaTrainingArguments` the Trainer runs with.
+    """
+
+    data: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Alpaca JSON/JSONL (instruction, input, output) and/or text (.txt, JSONL `text`)",
+                  "nargs": "+", "required": True},
+    )
+    steps: int = field(default=200, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=2, metadata={"help": "sequences per device and micro-batch"})
+    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "constant learning rate", "flag": "--lr"})
+    max_prompt_tokens: int = field(default=256, metadata={"help": "instruction prompts keep their last N tokens"})
+    max_response_tokens: int = field(default=128, metadata={"help": "answers keep their first N tokens"})
+    experts: int = field(default=5, metadata={"help": "LoRA experts per linear; 1 = plain LoRA"})
+    top_k: int = field(default=2, metadata={"help": "experts each shape mixes"})
+    rank: int = field(default=8, metadata={"help": "LoRA rank of each expert"})
+    random_shapes: int = field(
+        default=2,
+        metadata={"help": "random shapes per step besides the smallest and (unless --teacher base) the largest"},
+    )
+    widths: list[float] | None = field(
+        default=None, metadata={"help": "widths to sample, e.g. 1,0.875,0.75 (default: uniform range)"}
+    )
+    distillation: bool = field(default=True, metadata={"help": "train every shape on labels (ablation)"})
+    distill_teacher: str = field(
+        default="largest",
+        metadata={
+            "help": "distillation teacher: the largest shape, trained on labels (paper), or the frozen base model, "
+            "which then stays the full shape exactly (for data the base model generated itself)",
+            "choices": TEACHERS, "flag": "--teacher",
+        },
+    )
+    loss_balancing: bool = field(
+        default=True, metadata={"help": "disable loss-magnitude balancing (ablation)", "flag": "--no-balancing"}
+    )
+    router_noise: bool = field(
+        default=True,
+        metadata={"help": "route without training noise (learns faster on short budgets, see docs/training.md)"},
+    )
+    train_base: bool = field(default=False, metadata={"help": "also train the base weights (default: frozen)"})
+    save_steps: int = field(
+        default=50, metadata={"help": "checkpoint interval; re-run resumes from the last"}
+    )
+    seed: int = field(default=0, metadata={"help": "seed of data order, expert initialisation and shape sampling"})
+    max_grad_norm: float = field(default=0.3, metadata={"cli": False})
+    text_block_size: int = field(default=256, metadata={"cli": False})
+    template: str = field(default="auto", metadata={"cli": False})
+    alpha: float = field(default=16.0, metadata={"cli": False})
 
     def validate(self) -> None:
         """Refuse settings the Trainer would silently reinterpret (max_steps=0 trains by epochs; no experts would
@@ -67,6 +93,41 @@ class FinetuneSettings:
                 raise ValueError(f"width {width} is outside (0, 1]")
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown prompt template {self.template!r}; choose from {TEMPLATES}")
+        if self.distill_teacher not in TEACHERS:
+            raise ValueError(f"distill_teacher must be one of {TEACHERS}, got {self.distill_teacher!r}")
+        if self.distill_teacher == "base" and (not self.distillation or self.train_base):
+            raise ValueError(
+                "distill_teacher 'base' (--teacher base) distils from the frozen base model; it cannot be combined "
+                "with distillation off (--no-distillation) or train_base (--train-base)"
+            )
+
+    def training_arguments(self, output_dir: str | os.PathLike, **overrides) -> AmoebaTrainingArguments:
+        """The Trainer's arguments for this recipe (the one place that maps its names onto the Trainer's);
+        `overrides` are further `AmoebaTrainingArguments` fields."""
+        arguments = {
+            "output_dir": str(output_dir),
+            "max_steps": self.steps,
+            "per_device_train_batch_size": self.batch_size,
+            "gradient_accumulation_steps": self.grad_accum,
+            "learning_rate": self.learning_rate,
+            "lr_scheduler_type": "constant",
+            "max_grad_norm": self.max_grad_norm,
+            "save_strategy": "steps",
+            "save_steps": self.save_steps,
+            "save_total_limit": 2,
+            "logging_steps": max(1, min(10, self.steps // 10)),
+            "report_to": [],
+            "seed": self.seed,
+            "data_seed": self.seed,
+            "random_shapes": self.random_shapes,
+            "shape_widths": self.widths,
+            "distillation": self.distillation,
+            "distill_teacher": self.distill_teacher,
+            "loss_balancing": self.loss_balancing,
+            "shape_seed": self.seed,
+            "dataloader_num_workers": 0,
+        }
+        return AmoebaTrainingArguments(**{**arguments, **overrides})
 
 
 def is_instruction_file(path: str) -> bool:
@@ -126,30 +187,7 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
         model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
                           alpha=settings.alpha, router_noise=settings.router_noise, train_base=settings.train_base,
                           exact_full_shape=settings.distill_teacher == "base")
-    args = AmoebaTrainingArguments(
-        output_dir=str(work_dir),
-        max_steps=settings.steps,
-        per_device_train_batch_size=settings.batch_size,
-        gradient_accumulation_steps=settings.grad_accum,
-        learning_rate=settings.learning_rate,
-        lr_scheduler_type="constant",
-        max_grad_norm=settings.max_grad_norm,
-        save_strategy="steps",
-        save_steps=settings.save_steps,
-        save_total_limit=2,
-        logging_steps=max(1, min(10, settings.steps // 10)),
-        report_to=[],
-        seed=settings.seed,
-        data_seed=settings.seed,
-        random_shapes=settings.random_shapes,
-        shape_widths=settings.widths,
-        distillation=settings.distillation,
-        distill_teacher=settings.distill_teacher,
-        loss_balancing=settings.loss_balancing,
-        shape_seed=settings.seed,
-        dataloader_num_workers=0,
-        **training_overrides,
-    )
+    args = settings.training_arguments(work_dir, **training_overrides)
     trainer = AmoebaTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),

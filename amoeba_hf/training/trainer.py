@@ -17,7 +17,8 @@ TEACHERS = ("largest", "base")
 
 @dataclass
 class AmoebaTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the one-for-all recipe.
+    """`TrainingArguments` plus the one-for-all recipe (`FinetuneSettings.training_arguments` builds it for
+    `amoeba train` and `amoeba build`).
 
     Every micro-batch trains the largest shape (cross-entropy on response tokens; its detached logits are the
     teacher), the smallest shape and `random_shapes` random ones (distilled from the teacher). With
@@ -36,9 +37,10 @@ class AmoebaTrainingArguments(TrainingArguments):
     )
     distillation: bool = field(default=True, metadata={"help": "distil students from the largest shape"})
     distill_teacher: str = field(
-        default="largest", metadata={"help": "largest (paper, in-place) or base (the full model without experts)"}
+        default="largest",
+        metadata={"help": "largest (paper, in-place) or base (the full model without experts)", "choices": TEACHERS},
     )
-    distill_loss: str = field(default="soft_ce", metadata={"help": "soft_ce (paper) or kl"})
+    distill_loss: str = field(default="soft_ce", metadata={"help": "soft_ce (paper) or kl", "choices": DISTILL_LOSSES})
     distill_temperature: float = field(default=1.0)
     distill_ce_weight: float = field(default=0.0, metadata={"help": "mix of label CE into student losses"})
     loss_balancing: bool = field(default=True)
