@@ -347,3 +347,18 @@ def test_from_llama_names_a_missing_folder_instead_of_talking_about_hub_ids(tmp_
     source = str(tmp_path) if source is None else source
     with pytest.raises(FileNotFoundError, match=message):
         AmoebaForCausalLM.from_llama(source)
+
+
+def test_export_refuses_a_gguf_dtype_without_gguf_an_existing_file_and_an_adapter_without_experts(
+    checkpoint, tmp_path, capsys
+):
+    base = ["export", checkpoint, "--depth", 4, "--width", 0.75]
+    code, _, err = run_cli([*base, "--out", tmp_path / "subnet", "--gguf-dtype", "q8_0"], capsys)
+    assert_one_line_error(code, err, "export", "--gguf-dtype applies only with --gguf FILE")
+    (tmp_path / "kept.gguf").write_bytes(b"user data")
+    code, _, err = run_cli([*base, "--gguf", tmp_path / "kept.gguf"], capsys)
+    assert_one_line_error(code, err, "export", "already exists")
+    assert (tmp_path / "kept.gguf").read_bytes() == b"user data"
+    code, _, err = run_cli([*base, "--adapter", tmp_path / "adapter"], capsys)
+    assert_one_line_error(code, err, "export", "has no SMoL experts")
+    assert leftovers(tmp_path) == ["kept.gguf"]

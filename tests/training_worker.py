@@ -76,7 +76,7 @@ def run_ddp(result_path: str) -> None:
 
     def recording_sample_shapes(amoeba):
         sandwich = sample_shapes(amoeba)
-        shapes.append([shape for _, shape in sandwich])
+        shapes.append([tuple(shape) for _, shape in sandwich])
         return sandwich
 
     trainer.sample_shapes = recording_sample_shapes

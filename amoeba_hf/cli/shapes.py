@@ -4,6 +4,7 @@ import argparse
 import tempfile
 from pathlib import Path
 
+from ..deploy.gguf import GGUF_DTYPES, write_gguf
 from ..io import ensure_free_output_dir, save_checkpoint
 from . import UserError, add_command, load_checkpoint
 
@@ -103,6 +104,11 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
     destination = parser.add_mutually_exclusive_group(required=True)
     destination.add_argument("--out", help="new folder for the subnet")
     destination.add_argument("--push", metavar="REPO_ID", help="Hub repo to publish the subnet to (your-name/model)")
+    destination.add_argument("--gguf", metavar="FILE", help="new llama.cpp GGUF file of the subnet (Llama family, "
+                             "uniform widths; tokenizer and chat template included)")
+    destination.add_argument("--adapter", metavar="DIR", help="new folder: the plain subnet without the shape's LoRA, "
+                             "plus that LoRA as a peft adapter in DIR/adapter")
+    parser.add_argument("--gguf-dtype", default="f32", choices=GGUF_DTYPES, help="GGUF tensor type (default: f32)")
     _add_hub_args(parser)
 
 
@@ -111,11 +117,28 @@ def _cmd_export(args: argparse.Namespace) -> None:
 
     if args.push is None and (args.private or args.revision or args.exist_ok):
         raise UserError("--private, --revision and --exist-ok apply only with --push REPO_ID")
-    if args.out is not None:
-        ensure_free_output_dir(args.out)
+    if args.gguf is None and args.gguf_dtype != "f32":
+        raise UserError("--gguf-dtype applies only with --gguf FILE")
+    for folder in (args.out, args.adapter):
+        if folder is not None:
+            ensure_free_output_dir(folder)
+    if args.gguf is not None and Path(args.gguf).exists():
+        raise UserError(f"--gguf {args.gguf} already exists; choose a new file name")
     model = load_checkpoint(args.model_dir)
-    subnet = model.export_subnet(args.depth, args.width)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
+    if args.adapter is not None:
+        from ..deploy.peft_adapter import export_adapter
+
+        folder = export_adapter(model, args.depth, args.width, args.adapter, tokenizer=tokenizer)
+        print(f"exported shape {args.depth}x{args.width:g} to {folder} (plain subnet) and {folder / 'adapter'} "
+              "(peft LoRA)")
+        return
+    subnet = model.export_subnet(args.depth, args.width)
+    if args.gguf is not None:
+        path = write_gguf(subnet, tokenizer, args.gguf, dtype=args.gguf_dtype)
+        print(f"exported shape {args.depth}x{args.width:g} to {path} ({args.gguf_dtype}, "
+              f"{path.stat().st_size / 1e6:.1f} MB)")
+        return
     description = f"{type(subnet).__name__} ({subnet.num_parameters():,} parameters)"
     if args.out is not None:
         save_checkpoint(subnet, tokenizer, args.out)
