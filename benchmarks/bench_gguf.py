@@ -2,11 +2,14 @@
 
 Each shape of the embedded SmolLM2-135M-Instruct (fp32) is exported (`export_subnet`), written with `write_gguf` as
 F32, F16 and Q8_0, and loaded back with transformers' own GGUF loader (an implementation independent of the
-writer). Logits are compared with the elastic model at that shape on a fixed chat-formatted prompt; the tokenizer
-read back from the file must give the same ids on a few texts.
+writer), with `attention_bias` / `mlp_bias` read from the file's bias tensors (a calibrated checkpoint's sliced
+shapes carry bias compensation, which transformers would otherwise drop). Logits are compared with the elastic model
+at that shape on a fixed chat-formatted prompt; the tokenizer read back from the file must give the same ids on a few
+texts.
 
     python benchmarks/bench_gguf.py                                  # shapes 30x1 and 23x0.75
     python benchmarks/bench_gguf.py --shapes 30x1 20x0.6 --out /tmp/bench_gguf.json
+    python benchmarks/bench_gguf.py --model smollm2-amoeba --shapes 23x0.75 --out /tmp/bench_gguf.json
 """
 
 import argparse
@@ -22,7 +25,7 @@ import gguf
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from amoeba_hf.deploy.gguf import GGUF_DTYPES, write_gguf
+from amoeba_hf.deploy.gguf import GGUF_DTYPES, transformers_bias_kwargs, write_gguf
 from amoeba_hf.io import write_text_atomically
 from amoeba_hf.pipeline.sources import load_or_convert
 
@@ -51,8 +54,11 @@ def measure(model, tokenizer, depth: int, width: float, folder: Path) -> list[di
         start = time.perf_counter()
         write_gguf(subnet, tokenizer, path, dtype=dtype)
         seconds = time.perf_counter() - start
-        types = [tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors]
-        back = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32).eval()
+        tensors = gguf.GGUFReader(path).tensors
+        types = [tensor.tensor_type.name for tensor in tensors]
+        back = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=path.name, dtype=torch.float32, **transformers_bias_kwargs(path)
+        ).eval()
         with torch.no_grad():
             exported = back(ids).logits
         reloaded = AutoTokenizer.from_pretrained(folder, gguf_file=path.name)
@@ -67,6 +73,7 @@ def measure(model, tokenizer, depth: int, width: float, folder: Path) -> list[di
             "argmax_agreement": float((reference.argmax(-1) == exported.argmax(-1)).float().mean()),
             "tokens": ids.shape[1],
             "tensor_types": {name: types.count(name) for name in sorted(set(types))},
+            "bias_tensors": sum(tensor.name.endswith(".bias") for tensor in tensors),
             "tokenizer_round_trip": all(reloaded(t)["input_ids"] == tokenizer(t)["input_ids"] for t in TEXTS),
         })
         path.unlink()
@@ -76,11 +83,12 @@ def measure(model, tokenizer, depth: int, width: float, folder: Path) -> list[di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint folder or source model (default: embedded SmolLM2)")
     parser.add_argument("--shapes", nargs="+", default=["30x1", "23x0.75"], help="DEPTHxWIDTH shapes")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_gguf.json"))
     args = parser.parse_args()
     torch.manual_seed(0)
-    model, tokenizer = load_or_convert(None)
+    model, tokenizer = load_or_convert(args.model)
     model.eval()
     rows = []
     with tempfile.TemporaryDirectory() as folder:
@@ -95,7 +103,8 @@ def main() -> None:
     if not all(row["tokenizer_round_trip"] for row in rows):
         print("tokenizer round trip FAILED", file=sys.stderr)
     result = {
-        "model": "SmolLM2-135M-Instruct (embedded GGUF, dequantised to fp32), converted with load_or_convert(None)",
+        "model": args.model or "SmolLM2-135M-Instruct (embedded GGUF, dequantised to fp32), converted with "
+        "load_or_convert(None)",
         "command": "python benchmarks/bench_gguf.py " + " ".join(sys.argv[1:]),
         "python": platform.python_version(),
         "torch": torch.__version__,

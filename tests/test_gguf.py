@@ -1,16 +1,22 @@
-"""GGUF export: transformers' independent GGUF loader must give back the elastic model's logits and the tokenizer."""
+"""GGUF export: transformers' independent GGUF loader must give back the elastic model's logits and the tokenizer.
+
+Files with biases are loaded with `attention_bias` / `mlp_bias` from `transformers_bias_kwargs`: transformers builds
+its config from GGUF metadata, which has no key for biases, and would otherwise drop them.
+"""
 
 import os
 
 import gguf
+import numpy as np
 import pytest
 import torch
-from conftest import tiny_source, tiny_tokenizer
+from conftest import tiny_source, tiny_tokenizer, write_tiny_text
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.deploy.gguf import write_gguf
+from amoeba_hf.deploy.gguf import transformers_bias_kwargs, write_gguf
+from amoeba_hf.selection.calibrate import CalibrationSettings, calibrate
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog 12 times.",
@@ -61,8 +67,26 @@ def elastic(tokenizer):
     return AmoebaForCausalLM.from_llama(tiny_source("llama", vocab_size=len(tokenizer) + 3), min_depth=3).eval()
 
 
-def load_gguf(path) -> AutoModelForCausalLM:
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+@pytest.fixture(scope="module")
+def calibrated(tokenizer, tmp_path_factory):
+    """The tiny any-shape Llama calibrated with bias compensation (the default), so sliced shapes export biases."""
+    model = AmoebaForCausalLM.from_llama(tiny_source("llama", vocab_size=len(tokenizer) + 3), min_depth=3).eval()
+    data = write_tiny_text(tmp_path_factory.mktemp("calibration") / "calib.jsonl")
+    settings = CalibrationSettings(data=str(data), samples=6, seq_len=24, chunk_size=2)
+    calibrate(model, tiny_tokenizer(), settings, show_progress=False)
+    assert model.config.bias_compensation
+    return model
+
+
+def load_gguf(path, **config_overrides) -> AutoModelForCausalLM:
+    kwargs = {**transformers_bias_kwargs(path), **config_overrides}
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32, **kwargs).eval()
+
+
+def gguf_arrays(path) -> dict[str, np.ndarray]:
+    """Tensor name -> values of the unquantized (F32) tensors of a GGUF file, in PyTorch's (out, in) order."""
+    return {tensor.name: np.array(tensor.data).reshape(tuple(reversed(tensor.shape.tolist())))
+            for tensor in gguf.GGUFReader(path).tensors if tensor.tensor_type.name == "F32"}
 
 
 def gguf_metadata(path) -> tuple[dict, dict]:
@@ -93,6 +117,46 @@ def test_gguf_reloads_to_the_elastic_logits(elastic, tokenizer, tmp_path, shape,
         reference = elastic(ids).logits
         exported = load_gguf(path)(ids).logits
     assert_logits_close(reference, exported, TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_gguf_carries_bias_compensation(calibrated, tokenizer, tmp_path, dtype):
+    """Only the non-zero compensation biases (o_proj, down_proj) are written, as F32 at every dtype, and reload."""
+    subnet = calibrated.export_subnet(4, 0.75)
+    assert subnet.config.attention_bias and subnet.config.mlp_bias
+    path = write_gguf(subnet, tokenizer, tmp_path / "compensated.gguf", dtype=dtype)
+    types = gguf_metadata(path)[1]
+    biases = {name for name in types if name.endswith(".bias")}
+    assert biases == {f"blk.{i}.{kind}.bias" for i in range(4) for kind in ("attn_output", "ffn_down")}
+    assert {types[name] for name in biases} == {"F32"}
+    arrays, state = gguf_arrays(path), subnet.state_dict()
+    for index in range(4):
+        for module, name in (("self_attn.o_proj", "attn_output"), ("mlp.down_proj", "ffn_down")):
+            expected = state[f"model.layers.{index}.{module}.bias"].numpy()
+            assert np.array_equal(arrays[f"blk.{index}.{name}.bias"], expected)
+    assert transformers_bias_kwargs(path) == {"attention_bias": True, "mlp_bias": True}
+    ids = torch.randint(0, len(tokenizer), (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), calibrated.shaped(4, 0.75):
+        reference = calibrated(ids).logits
+        assert_logits_close(reference, load_gguf(path)(ids).logits, TOLERANCES[dtype])
+        # The compensation matters: read back without biases (transformers' default) the logits move by ~0.59 here,
+        # far beyond every dtype's tolerance, so the check above could not pass with the biases lost.
+        without = load_gguf(path, attention_bias=False, mlp_bias=False)(ids).logits
+    assert (reference - without).abs().max().item() > 5 * TOLERANCES["q8_0"]
+
+
+def test_gguf_source_biases_are_permuted_like_their_weights(tokenizer, tmp_path):
+    """A source with q/k/v/o and MLP biases: Q and K biases follow the rotary row permutation of their weights."""
+    source = tiny_source("llama", vocab_size=len(tokenizer), attention_bias=True, mlp_bias=True)
+    elastic = AmoebaForCausalLM.from_llama(source, min_depth=3).eval()
+    ids = torch.randint(0, len(tokenizer), (1, 12), generator=torch.Generator().manual_seed(2))
+    for shape in [(6, 1.0), (4, 0.75)]:
+        path = write_gguf(elastic.export_subnet(*shape), tokenizer, tmp_path / f"biased_{shape[0]}.gguf")
+        kinds = {name.split(".", 2)[-1] for name in gguf_metadata(path)[1] if name.endswith(".bias")}
+        assert kinds == {f"{kind}.bias" for kind in ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate",
+                                                    "ffn_up", "ffn_down")}
+        with torch.no_grad(), elastic.shaped(*shape):
+            assert_logits_close(elastic(ids).logits, load_gguf(path)(ids).logits, TOLERANCES["f32"])
 
 
 def test_gguf_metadata_and_q8_0_fallback(elastic, tokenizer, tmp_path):

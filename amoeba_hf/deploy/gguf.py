@@ -6,6 +6,12 @@ names, Q and K rows permuted into llama.cpp's rotary layout, per-head sizes writ
 subnet has fewer heads, so `hidden_size / heads` is no longer the head size), and the byte-level BPE tokenizer with
 its merges, special tokens and chat template.
 
+Biases are written where llama.cpp's `llama` architecture has optional slots for them (`blk.N.attn_{q,k,v,output}.bias`
+and `blk.N.ffn_{gate,up,down}.bias`), as F32, and only when non-zero: a subnet calibrated with bias compensation
+carries the pruned channels' mean in its `o_proj` / `down_proj` biases while its other biases are zero. The GGUF
+metadata has no key for "this model has biases", so transformers' GGUF loader builds a bias-free Llama and silently
+drops them unless given `attention_bias` / `mlp_bias` (`transformers_bias_kwargs` reads them from the file).
+
 Tensors are converted and written one at a time (a progress bar counts them), so memory stays near one tensor.
 """
 
@@ -32,17 +38,20 @@ _FILE_TYPES = {
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
 }
 
-_LAYER_TENSORS = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight",
-    "self_attn.k_proj.weight": "attn_k.weight",
-    "self_attn.v_proj.weight": "attn_v.weight",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
+# Per layer, in llama.cpp's order: (HF module, GGUF tensor, whether it can carry a bias). Norms never do.
+_LAYER_MODULES = (
+    ("input_layernorm", "attn_norm", False),
+    ("self_attn.q_proj", "attn_q", True),
+    ("self_attn.k_proj", "attn_k", True),
+    ("self_attn.v_proj", "attn_v", True),
+    ("self_attn.o_proj", "attn_output", True),
+    ("post_attention_layernorm", "ffn_norm", False),
+    ("mlp.gate_proj", "ffn_gate", True),
+    ("mlp.up_proj", "ffn_up", True),
+    ("mlp.down_proj", "ffn_down", True),
+)
+_ATTENTION_BIASES = ("attn_q.bias", "attn_k.bias", "attn_v.bias", "attn_output.bias")
+_MLP_BIASES = ("ffn_gate.bias", "ffn_up.bias", "ffn_down.bias")
 
 # llama.cpp's names for the pre-tokenizers a byte-level BPE tokenizer can have here (see `_pre_tokenizer_name`).
 _SUPPORTED_PRE_TOKENIZERS = "ByteLevel (GPT-2 split, 'gpt-2') or Digits(individual_digits=True) + ByteLevel ('smollm')"
@@ -70,9 +79,10 @@ def write_gguf(
     tensor whose rows are not (e.g. `down_proj` of a width whose neuron count is not a multiple of 32) is stored
     as F16 instead, and the fallback is logged. `name` becomes `general.name` (default: the file's stem).
 
-    Only a stock `LlamaForCausalLM` without biases and with default RoPE qualifies: what `export_subnet(depth,
-    width)` returns for uniform widths of a Llama-family source (SmolLM2, TinyLlama, Llama-2) without bias
-    compensation. The tokenizer must be a fast byte-level BPE tokenizer (GPT-2 style, as SmolLM2's).
+    Only a stock `LlamaForCausalLM` with default RoPE qualifies: what `export_subnet(depth, width)` returns for
+    uniform widths of a Llama-family source (SmolLM2, TinyLlama, Llama-2), with or without bias compensation.
+    Non-zero biases are written as F32 and all-zero ones left out (see the module docstring for reading them back).
+    The tokenizer must be a fast byte-level BPE tokenizer (GPT-2 style, as SmolLM2's).
     """
     if dtype not in GGUF_DTYPES:
         raise ValueError(f"Unknown GGUF dtype {dtype!r}; valid: {', '.join(GGUF_DTYPES)}")
@@ -121,28 +131,31 @@ def _check_subnet(subnet: torch.nn.Module) -> None:
     """Refuse what the `llama` GGUF architecture (as written here) cannot hold, naming the shapes that qualify."""
     qualifying = (
         "GGUF export takes the stock LlamaForCausalLM that model.export_subnet(depth, width) returns for a uniform "
-        "width of a Llama-family model (SmolLM2, TinyLlama, Llama-2) without bias compensation"
+        "width of a Llama-family model (SmolLM2, TinyLlama, Llama-2)"
     )
     if type(subnet) is not LlamaForCausalLM:
         kind = getattr(subnet.config, "model_type", None)
         raise ValueError(f"{qualifying}; got {type(subnet).__name__} (model_type {kind!r})")
     config = subnet.config
-    if config.attention_bias or config.mlp_bias:
-        raise ValueError(f"{qualifying}; this subnet has biases (attention_bias={config.attention_bias}, "
-                         f"mlp_bias={config.mlp_bias})")
     rope_type = (config.rope_parameters or {}).get("rope_type", "default")
     if rope_type != "default":
         raise ValueError(f"{qualifying}; this subnet uses {rope_type!r} RoPE scaling, only 'default' is written")
 
 
 def _plan_tensors(subnet: LlamaForCausalLM, dtype: str) -> list[_PlannedTensor]:
-    """(GGUF name, tensor, storage type, heads to permute by) for every tensor, in llama.cpp's order."""
+    """(GGUF name, tensor, storage type, heads to permute by) for every tensor, in llama.cpp's order.
+
+    All-zero biases are left out: llama.cpp treats a missing optional bias as none, and a file without them stays
+    the size (and the tensor list) of a bias-free model.
+    """
     config = subnet.config
     state = subnet.state_dict()
     names = {"model.embed_tokens.weight": "token_embd.weight"}
     for index in range(config.num_hidden_layers):
-        for key, value in _LAYER_TENSORS.items():
-            names[f"model.layers.{index}.{key}"] = f"blk.{index}.{value}"
+        for module, gguf_module, has_bias in _LAYER_MODULES:
+            names[f"model.layers.{index}.{module}.weight"] = f"blk.{index}.{gguf_module}.weight"
+            if has_bias:
+                names[f"model.layers.{index}.{module}.bias"] = f"blk.{index}.{gguf_module}.bias"
     names["model.norm.weight"] = "output_norm.weight"
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = "output.weight"
@@ -151,11 +164,13 @@ def _plan_tensors(subnet: LlamaForCausalLM, dtype: str) -> list[_PlannedTensor]:
         raise ValueError(f"GGUF export has no tensor name for {unexpected}")
     plan = []
     for key, gguf_name in names.items():
+        if key.endswith(".bias") and (key not in state or not state[key].any()):
+            continue
         tensor = state[key]
         heads = None
-        if key.endswith("q_proj.weight"):
+        if ".q_proj." in key:
             heads = config.num_attention_heads
-        elif key.endswith("k_proj.weight"):
+        elif ".k_proj." in key:
             heads = config.num_key_value_heads
         plan.append(_PlannedTensor(gguf_name, tensor, _storage_type(gguf_name, tensor, dtype), heads))
     return plan
@@ -174,7 +189,7 @@ def _storage_type(name: str, tensor: torch.Tensor, dtype: str) -> gguf.GGMLQuant
 
 
 def _convert(tensor: _PlannedTensor) -> np.ndarray:
-    """The tensor as GGUF stores it: Q and K rows in llama.cpp's rotary order, then cast or quantized."""
+    """The tensor as GGUF stores it: Q and K rows (weights and biases) in llama.cpp's rotary order, then cast."""
     array = tensor.source.detach().to(device="cpu", dtype=torch.float32).numpy()
     if tensor.permute_heads is not None:
         heads, rows = tensor.permute_heads, array.shape[0]
@@ -271,4 +286,14 @@ def _add_tokenizer(writer: gguf.GGUFWriter, tokenizer: PreTrainedTokenizerBase, 
     special_vocab.add_to_gguf(writer, quiet=True)
 
 
-__all__ = ["GGUF_DTYPES", "write_gguf"]
+def transformers_bias_kwargs(path: str | os.PathLike) -> dict[str, bool]:
+    """`attention_bias` / `mlp_bias` for `from_pretrained(..., gguf_file=...)`, from the bias tensors in the file.
+
+    transformers derives a Llama config from GGUF metadata alone, which never sets these, so without them it loads
+    a bias-free model and silently ignores the file's bias tensors.
+    """
+    names = {tensor.name.split(".", 2)[-1] for tensor in gguf.GGUFReader(path).tensors if tensor.name.endswith(".bias")}
+    return {"attention_bias": bool(names & set(_ATTENTION_BIASES)), "mlp_bias": bool(names & set(_MLP_BIASES))}
+
+
+__all__ = ["GGUF_DTYPES", "transformers_bias_kwargs", "write_gguf"]
