@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..io import write_text_atomically
 from .data import multiple_choice_prompts, text_blocks
 from .depth import (
     SCORES,
@@ -106,7 +107,8 @@ class CalibrationSettings:
 
     def fingerprint(self, model) -> str:
         weights = model.model.layers[0].self_attn.q_proj.weight
-        payload = json.dumps(asdict(self), sort_keys=True) + f"{model.config.num_hidden_layers}:{weights.sum().item():.6e}"
+        payload = json.dumps(asdict(self), sort_keys=True)
+        payload += f"{model.config.num_hidden_layers}:{weights.sum().item():.6e}"
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -121,10 +123,48 @@ class CalibrationReport:
     extras: dict = field(default_factory=dict)
 
 
-def _write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
+class ResumeState:
+    """What an interrupted calibration has finished, in `state_dir` (nothing is kept without one).
+
+    `state.json` holds the settings' fingerprint, whether the width step is done and the DP's last saved row;
+    `width.pt` the channel statistics and importance scores. A different fingerprint starts from scratch.
+    """
+
+    def __init__(self, state_dir: str | os.PathLike | None, fingerprint: str):
+        self.folder = None if state_dir is None else Path(state_dir)
+        self.fingerprint = fingerprint
+        self.values: dict = {}
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            meta = self.folder / "state.json"
+            if meta.exists():
+                saved = json.loads(meta.read_text())
+                self.values = saved if saved.get("fingerprint") == fingerprint else {}
+        self.resumed = bool(self.values)
+
+    def save(self, **values) -> None:
+        if self.folder is not None:
+            write_text_atomically(self.folder / "state.json", json.dumps({**self.values, **values}))
+
+    def load_width(self) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]] | None:
+        width_file = None if self.folder is None else self.folder / "width.pt"
+        if not self.values.get("width_done") or width_file is None or not width_file.exists():
+            return None
+        saved = torch.load(width_file, weights_only=True)
+        stats = {(int(key.split(".")[0]), key.split(".")[1]): ChannelStatistics.from_state(value)
+                 for key, value in saved["stats"].items()}
+        return stats, saved["groups"], saved["neurons"]
+
+    def save_width(self, stats: dict, group_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor]) -> None:
+        if self.folder is None:
+            return
+        width_file = self.folder / "width.pt"
+        tmp = width_file.with_suffix(".tmp")
+        saved_stats = {f"{i}.{kind}": s.to_state() for (i, kind), s in stats.items()}
+        torch.save({"stats": saved_stats, "groups": group_scores, "neurons": neuron_scores}, tmp)
+        os.replace(tmp, width_file)
+        self.values = {"fingerprint": self.fingerprint, "width_done": True}
+        self.save()
 
 
 def calibrate(
@@ -155,78 +195,78 @@ def calibrate(
             f"min_depth {min_depth} would remove {num_layers - min_depth} layers, but only {len(scan)} are removable "
             f"with keep_last={settings.keep_last}, keep_first={settings.keep_first}"
         )
-    state_path = None
-    state = {}
-    fingerprint = settings.fingerprint(model)
-    if state_dir is not None:
-        state_path = Path(state_dir)
-        state_path.mkdir(parents=True, exist_ok=True)
-        meta = state_path / "state.json"
-        if meta.exists():
-            state = json.loads(meta.read_text())
-            if state.get("fingerprint") != fingerprint:
-                state = {}
-    resumed = bool(state)
+    state = ResumeState(state_dir, settings.fingerprint(model))
 
     start = time.perf_counter()
-    width_file = state_path / "width.pt" if state_path else None
-    if width_file is not None and state.get("width_done") and width_file.exists():
-        saved = torch.load(width_file, weights_only=True)
-        stats = {(int(k.split(".")[0]), k.split(".")[1]): ChannelStatistics.from_state(v) for k, v in saved["stats"].items()}
-        group_scores, neuron_scores = saved["groups"], saved["neurons"]
-    else:
-        stats = collect_statistics(model, blocks, settings.chunk_size, show_progress)
-        group_scores, neuron_scores = layer_scores(model, stats, settings.width_method, settings.seed)
-        if width_file is not None:
-            tmp = width_file.with_suffix(".tmp")
-            saved_stats = {f"{i}.{kind}": s.to_state() for (i, kind), s in stats.items()}
-            torch.save({"stats": saved_stats, "groups": group_scores, "neurons": neuron_scores}, tmp)
-            os.replace(tmp, width_file)
-            state = {"fingerprint": fingerprint, "width_done": True}
-            _write_json(state_path / "state.json", state)
-    apply_width_order(model, group_scores, neuron_scores, stats, settings.width_mode, settings.bias_compensation)
+    order_widths(model, blocks, settings, state, show_progress)
     if on_progress is not None:
         on_progress("width")
     width_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    max_removed = num_layers - min_depth
-    evaluations, layer_forwards = 0, 0
-    if max_removed == 0:
-        table = {str(num_layers): list(range(num_layers))}
-    elif settings.depth_method == "drop-last":
-        table = drop_last_table(num_layers, scan, max_removed)
-    else:
-        ids, mask = (mc_batch.input_ids, mc_batch.attention_mask) if mc_batch else (blocks, None)
-        runner = LayerRunner(model, ids, mask, settings.chunk_size)
-        if settings.depth_method == "block-influence":
-            table = block_influence_table(runner, scan, max_removed)
-        else:
-            if settings.prefix_cache or settings.score == "kl":
-                runner.cache_layer_inputs()
-            score = {
-                "ppl": lambda: perplexity_score(runner, blocks, settings.chunk_size),
-                "kl": lambda: kl_score(runner),
-                "mmlu": lambda: multiple_choice_score(runner, mc_batch, settings.chunk_size),
-            }[settings.score]()
-
-            def evaluate(removed: frozenset[int], boundary: int) -> float:
-                return score(runner.final_states(removed, boundary if settings.prefix_cache else 0))
-
-            def save_row(row_state: dict) -> None:
-                if state_path is not None:
-                    _write_json(state_path / "state.json", {**state, "dp": row_state})
-                if on_progress is not None:
-                    on_progress("dp")
-
-            table, evaluations = dp_depth_table(
-                num_layers, scan, max_removed, evaluate, state.get("dp"), save_row, show_progress
-            )
-        layer_forwards = runner.layer_forwards
+    table, evaluations, layer_forwards = select_depths(
+        model, blocks, mc_batch, settings, scan, num_layers - min_depth, state, show_progress, on_progress
+    )
     depth_seconds = time.perf_counter() - start
 
     shape_space = {"depth_table": table, "min_depth": min_depth}
     if settings.widths:
         shape_space.update(min_width=min(settings.widths), width_grid=sorted(settings.widths, reverse=True))
     model.update_shape_space(**shape_space)
-    return CalibrationReport(table, evaluations, layer_forwards, depth_seconds, width_seconds, resumed)
+    return CalibrationReport(table, evaluations, layer_forwards, depth_seconds, width_seconds, state.resumed)
+
+
+def order_widths(model, blocks: torch.Tensor, settings: CalibrationSettings, state: ResumeState,
+                 show_progress: bool) -> None:
+    """Width step: channel statistics and importance scores (or the saved ones), then the importance order."""
+    saved = state.load_width()
+    if saved is not None:
+        stats, group_scores, neuron_scores = saved
+    else:
+        stats = collect_statistics(model, blocks, settings.chunk_size, show_progress)
+        group_scores, neuron_scores = layer_scores(model, stats, settings.width_method, settings.seed)
+        state.save_width(stats, group_scores, neuron_scores)
+    apply_width_order(model, group_scores, neuron_scores, stats, settings.width_mode, settings.bias_compensation)
+
+
+def select_depths(
+    model,
+    blocks: torch.Tensor,
+    mc_batch,
+    settings: CalibrationSettings,
+    scan: list[int],
+    max_removed: int,
+    state: ResumeState,
+    show_progress: bool,
+    on_progress: Callable[[str], None] | None,
+) -> tuple[dict[str, list[int]], int, int]:
+    """Depth step: the depth table, the DP's candidate evaluations and the layer-forwards it cost."""
+    num_layers = model.config.num_hidden_layers
+    if max_removed == 0:
+        return {str(num_layers): list(range(num_layers))}, 0, 0
+    if settings.depth_method == "drop-last":
+        return drop_last_table(num_layers, scan, max_removed), 0, 0
+    ids, mask = (mc_batch.input_ids, mc_batch.attention_mask) if mc_batch else (blocks, None)
+    runner = LayerRunner(model, ids, mask, settings.chunk_size)
+    if settings.depth_method == "block-influence":
+        return block_influence_table(runner, scan, max_removed), 0, runner.layer_forwards
+    if settings.prefix_cache or settings.score == "kl":
+        runner.cache_layer_inputs()
+    score = {
+        "ppl": lambda: perplexity_score(runner, blocks, settings.chunk_size),
+        "kl": lambda: kl_score(runner),
+        "mmlu": lambda: multiple_choice_score(runner, mc_batch, settings.chunk_size),
+    }[settings.score]()
+
+    def evaluate(removed: frozenset[int], boundary: int) -> float:
+        return score(runner.final_states(removed, boundary if settings.prefix_cache else 0))
+
+    def save_row(row_state: dict) -> None:
+        state.save(dp=row_state)
+        if on_progress is not None:
+            on_progress("dp")
+
+    table, evaluations = dp_depth_table(
+        num_layers, scan, max_removed, evaluate, state.values.get("dp"), save_row, show_progress
+    )
+    return table, evaluations, runner.layer_forwards
