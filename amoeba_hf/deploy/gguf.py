@@ -189,7 +189,7 @@ def _storage_type(name: str, tensor: torch.Tensor, dtype: str) -> gguf.GGMLQuant
 
 
 def _convert(tensor: _PlannedTensor) -> np.ndarray:
-    """The tensor as GGUF stores it: Q and K rows (weights and biases) in llama.cpp's rotary order, then cast."""
+    """The tensor as GGUF stores it: Q and K rows (weights and biases) in llama.cpp's rotary order, cast or quantized."""
     array = tensor.source.detach().to(device="cpu", dtype=torch.float32).numpy()
     if tensor.permute_heads is not None:
         heads, rows = tensor.permute_heads, array.shape[0]
