@@ -9,9 +9,16 @@ Needs the `eval` extra: pip install "amoeba_hf[eval]".
 """
 
 import torch
-from lm_eval.api.registry import register_model
-from lm_eval.models.huggingface import HFLM
 from transformers import PreTrainedModel
+
+try:
+    from lm_eval.api.registry import register_model
+    from lm_eval.models.huggingface import HFLM
+except ModuleNotFoundError as error:
+    raise ModuleNotFoundError(
+        "the `amoeba` lm-eval model needs lm-evaluation-harness, which the `eval` extra installs: "
+        "pip install 'amoeba_hf[eval]'"
+    ) from error
 
 
 @register_model("amoeba")
