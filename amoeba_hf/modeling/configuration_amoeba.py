@@ -5,6 +5,7 @@ from transformers.models.llama.configuration_llama import LlamaConfig
 
 SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2")
 WIDTH_MODES = ("uniform", "global")
+ATTENTION_UNITS = ("kv_groups", "query_heads")
 SMOL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUTO_MAP = {
     "AutoConfig": "configuration_amoeba.AmoebaConfig",
@@ -27,8 +28,15 @@ class AmoebaConfig(LlamaConfig):
     neurons, the same fraction everywhere (`width_mode="uniform"`) or one global importance threshold
     (`width_mode="global"`, needs calibrated importance scores).
 
-    `layer_num_key_value_heads` / `layer_intermediate_sizes` give per-layer sizes for a statically exported,
-    physically sliced subnet whose layers differ in width; `None` means every layer has the full size.
+    `attention_unit` is what a width removes from attention: whole KV groups (`"kv_groups"`), or query heads inside
+    every group (`"query_heads"`): the width item is then a *slot*, the s-th most important query head of every KV
+    group, all groups are kept, and q_proj rows / o_proj columns are stored slot-major so that kept slots are a
+    prefix. Calibration (`permute_widths`) sets it together with the weight layout; setting it by hand on unpermuted
+    weights would mix up the heads.
+
+    `layer_num_key_value_heads` / `layer_num_attention_heads` / `layer_intermediate_sizes` give per-layer sizes for a
+    statically exported, physically sliced subnet whose layers differ in width; `None` means every layer has the full
+    size (`layer_num_attention_heads=None`: every layer keeps the config's query heads per KV group).
 
     `smol_experts > 0` adds the shape-aware mixture of LoRAs (SMoL): `smol_experts` LoRA experts of rank
     `smol_rank` on each of `smol_target_modules`, gated (top `smol_top_k`) by one router fed the shape.
@@ -55,7 +63,9 @@ class AmoebaConfig(LlamaConfig):
     width_grid: list[float] | None = None
     width_mode: str = "uniform"
     bias_compensation: bool = False
+    attention_unit: str = "kv_groups"
     layer_num_key_value_heads: list[int] | None = None
+    layer_num_attention_heads: list[int] | None = None
     layer_intermediate_sizes: list[int] | None = None
     base_model: str | None = None
     base_model_license: str | None = None
@@ -110,6 +120,10 @@ class AmoebaConfig(LlamaConfig):
             raise AmoebaConfigError(f"min_width must be in (0, 1], got {self.min_width}")
         if self.width_mode not in WIDTH_MODES:
             raise AmoebaConfigError(f"width_mode must be one of {WIDTH_MODES}, got {self.width_mode!r}")
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise AmoebaConfigError(
+                f"attention_unit must be one of {', '.join(ATTENTION_UNITS)}, got {self.attention_unit!r}"
+            )
         for width in self.width_grid or ():
             if not self.min_width <= width <= 1.0:
                 raise AmoebaConfigError(f"width_grid value {width} is outside [min_width={self.min_width}, 1]")
@@ -125,10 +139,18 @@ class AmoebaConfig(LlamaConfig):
         unknown = set(self.smol_target_modules or ()) - set(SMOL_TARGETS)
         if unknown:
             raise AmoebaConfigError(f"unknown smol_target_modules {sorted(unknown)}; valid: {', '.join(SMOL_TARGETS)}")
-        for name in ("layer_num_key_value_heads", "layer_intermediate_sizes"):
+        for name in ("layer_num_key_value_heads", "layer_num_attention_heads", "layer_intermediate_sizes"):
             sizes = getattr(self, name)
             if sizes is not None and len(sizes) != num_layers:
                 raise AmoebaConfigError(f"{name} must have one entry per layer ({num_layers}), got {len(sizes)}")
+        if self.layer_num_attention_heads is not None:
+            key_value_heads = self.layer_num_key_value_heads or [self.num_key_value_heads] * num_layers
+            for index, (heads, groups) in enumerate(zip(self.layer_num_attention_heads, key_value_heads)):
+                if heads < groups or heads % groups:
+                    raise AmoebaConfigError(
+                        f"layer_num_attention_heads[{index}] ({heads}) must be a positive multiple of that layer's "
+                        f"key-value heads ({groups})"
+                    )
 
     def _validate_depth_table(self, num_layers: int) -> None:
         """Keys are the depths of the shape space, the full depth among them; each lists that many kept layers."""
@@ -157,4 +179,4 @@ class AmoebaConfig(LlamaConfig):
             )
 
 
-__all__ = ["SUPPORTED_SOURCE_TYPES", "AmoebaConfig", "AmoebaConfigError"]
+__all__ = ["ATTENTION_UNITS", "SUPPORTED_SOURCE_TYPES", "AmoebaConfig", "AmoebaConfigError"]

@@ -22,6 +22,7 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
     LlamaDecoderLayer,
@@ -31,6 +32,8 @@ from transformers.models.llama.modeling_llama import (
     LlamaPreTrainedModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
 )
 from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
@@ -39,7 +42,7 @@ from transformers.utils.hub import hf_api
 from transformers.utils.output_capturing import capture_outputs
 
 from .checkpoint_files import check_loading_info, record_weight_hashes, verify_weight_files
-from .configuration_amoeba import SMOL_TARGETS, SUPPORTED_SOURCE_TYPES, AmoebaConfig
+from .configuration_amoeba import ATTENTION_UNITS, SMOL_TARGETS, SUPPORTED_SOURCE_TYPES, AmoebaConfig
 from .elastic_linear import ElasticLinear
 from .model_card import fill_repo_id, read_eval_rows, render_model_card, write_card
 from .shape_router import ShapeRouter
@@ -118,19 +121,27 @@ class AmoebaMLP(LlamaMLP):
 
 
 class AmoebaAttention(LlamaAttention):
-    """GQA attention that keeps a prefix of whole KV groups (each with all its query heads)."""
+    """GQA attention whose width keeps a prefix of importance-ordered items.
 
-    def __init__(self, config: AmoebaConfig, layer_idx: int, key_value_heads: int):
+    With `attention_unit="kv_groups"` an item is a KV group with all its query heads (q_proj rows and o_proj columns
+    stored group-major, as in the source). With `"query_heads"` an item is a slot, one query head of every KV group;
+    all groups are kept and q_proj rows / o_proj columns are stored slot-major (`[slot 0: group 0..G-1][slot 1: ...]`),
+    so that kept slots are a prefix of the weights. `forward` then puts the projected queries in the group-major
+    order the attention kernels expect, and the attention output back, with a view and a transpose.
+    """
+
+    def __init__(self, config: AmoebaConfig, layer_idx: int, size: LayerWidth):
         nn.Module.__init__(self)
         self.config = config
         self.layer_idx = layer_idx
         self.head_dim = config.head_dim
-        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.num_key_value_heads = size.key_value_groups
+        self.num_key_value_groups = size.query_heads_per_group
         self.scaling = self.head_dim**-0.5
         self.attention_dropout = config.attention_dropout
         self.is_causal = True
-        query_dim = key_value_heads * self.num_key_value_groups * self.head_dim
-        kv_dim = key_value_heads * self.head_dim
+        query_dim = size.query_heads * self.head_dim
+        kv_dim = size.key_value_groups * self.head_dim
         in_bias = config.attention_bias or config.qkv_bias
         self.q_proj = elastic_linear(config, "q_proj", config.hidden_size, query_dim, in_bias)
         self.k_proj = elastic_linear(config, "k_proj", config.hidden_size, kv_dim, in_bias)
@@ -138,44 +149,148 @@ class AmoebaAttention(LlamaAttention):
         self.o_proj = elastic_linear(
             config, "o_proj", query_dim, config.hidden_size, config.attention_bias, config.bias_compensation
         )
-        if config.width_mode == "global":
-            self.register_buffer("group_importance", torch.zeros(key_value_heads))
+        if config.width_mode == "global" and config.attention_unit == "query_heads":
+            self.register_buffer("slot_importance", torch.zeros(size.query_heads_per_group))
+        elif config.width_mode == "global":
+            self.register_buffer("group_importance", torch.zeros(size.key_value_groups))
 
-    def set_width(self, key_value_groups: int) -> None:
-        kv_dim = key_value_groups * self.head_dim
-        query_dim = kv_dim * self.num_key_value_groups
+    @property
+    def slot_major(self) -> bool:
+        """Query heads are stored slot-major (the config's `attention_unit` is "query_heads")."""
+        return self.config.attention_unit == "query_heads"
+
+    def set_width(self, size: LayerWidth) -> None:
+        kv_dim = size.key_value_groups * self.head_dim
+        query_dim = size.query_heads * self.head_dim
         self.q_proj.set_active(active_out=query_dim)
         self.k_proj.set_active(active_out=kv_dim)
         self.v_proj.set_active(active_out=kv_dim)
         self.o_proj.set_active(active_in=query_dim)
+        self.num_key_value_heads = size.key_value_groups
+        self.num_key_value_groups = size.query_heads_per_group
+
+    def _reorder_heads(self, states: torch.Tensor, dim: int, to_group_major: bool) -> torch.Tensor:
+        """Reorder the active query heads along `dim` (head blocks, or heads if `states` has a head_dim axis after
+        it) between slot-major and group-major; unchanged unless stored slot-major with several groups and slots."""
+        groups, slots = self.num_key_value_heads, self.num_key_value_groups
+        if not self.slot_major or groups == 1 or slots == 1:
+            return states
+        moved = states.movedim(dim, 0)
+        outer, inner = (slots, groups) if to_group_major else (groups, slots)
+        blocks = moved.reshape(outer, inner, -1, *moved.shape[1:])
+        return blocks.transpose(0, 1).reshape(moved.shape).movedim(0, dim)
+
+    def stock_head_order(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """`tensor`'s active query-head blocks along `dim` (q_proj rows and bias, o_proj columns, their LoRA factors)
+        in the group-major order of a stock model with these heads: what export writes."""
+        return self._reorder_heads(tensor, dim, to_group_major=True)
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`LlamaAttention.forward` (Mistral's sliding window arrives in `kwargs`), with slot-major queries put in
+        group-major order for the attention interface and its output put back before o_proj."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape)
+        query_states = self._reorder_heads(query_states, -2, to_group_major=True).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx, kwargs=kwargs)
+
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+        attn_output = self._reorder_heads(attn_output, -2, to_group_major=False)
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+    def _stored_head_index(self, group: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """Stored position (in head blocks) of query head `head` (within its group) of KV group `group`."""
+        groups = self.k_proj.out_features // self.head_dim
+        per_group = self.q_proj.out_features // self.head_dim // groups
+        return head * groups + group if self.slot_major else group * per_group + head
+
+    def _permute_query_heads(self, head_order: torch.Tensor, input_mean: torch.Tensor | None) -> None:
+        """Put stored query head `head_order[i]` at position i in q_proj rows, o_proj columns and o_proj's input
+        means (bias compensation; removed if None)."""
+        _permute_rows(self.q_proj, head_order, self.head_dim)
+        _permute_columns(self.o_proj, head_order, self.head_dim)
+        input_mean = None if input_mean is None else input_mean.view(-1, self.head_dim)[head_order].reshape(-1)
+        _store_calibration(self.o_proj, "input_mean", input_mean)
+
+    def heads_by_group(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-channel values of o_proj's input (query heads' outputs), in stored order, as
+        (KV group, query head within the group, head_dim): what importance is aggregated over."""
+        groups = self.k_proj.out_features // self.head_dim
+        if self.slot_major:
+            return values.view(-1, groups, self.head_dim).transpose(0, 1)
+        return values.view(groups, -1, self.head_dim)
 
     def permute_groups(
         self, order: torch.Tensor, input_mean: torch.Tensor | None, importance: torch.Tensor | None
     ) -> None:
-        """Put KV group `order[i]` (with its query heads) at position i (the function is unchanged); `input_mean`
-        (o_proj's input means, for bias compensation) and `importance` (global widths) are stored reordered, or
-        removed if None."""
-        group_dim = self.num_key_value_groups * self.head_dim
-        _permute_rows(self.q_proj, order, group_dim)
+        """Put KV group `order[i]` (with its query heads) at position i, query heads group-major (the function is
+        unchanged); `input_mean` (o_proj's input means, for bias compensation) and `importance` (global widths) are
+        stored reordered, or removed if None."""
+        per_group = self.q_proj.out_features // self.k_proj.out_features
+        heads = torch.arange(per_group, device=order.device)
+        head_order = self._stored_head_index(order.repeat_interleave(per_group), heads.repeat(len(order)))
+        self._permute_query_heads(head_order, input_mean)
         _permute_rows(self.k_proj, order, self.head_dim)
         _permute_rows(self.v_proj, order, self.head_dim)
-        _permute_columns(self.o_proj, order, group_dim)
-        input_mean = None if input_mean is None else input_mean.view(-1, group_dim)[order].reshape(-1)
-        _store_calibration(self.o_proj, "input_mean", input_mean)
+        _store_calibration(self, "slot_importance", None)
         _store_calibration(self, "group_importance", None if importance is None else importance[order])
+
+    def permute_slots(
+        self, head_orders: torch.Tensor, input_mean: torch.Tensor | None, importance: torch.Tensor | None
+    ) -> None:
+        """Store query heads slot-major: slot s holds, for every KV group g, its head `head_orders[g, s]` (an index
+        within the group, in the stored order). KV groups stay in place; the function is unchanged once the config
+        says `attention_unit="query_heads"`. `importance` are the slots' scores (global widths), in slot order."""
+        groups, per_group = head_orders.shape
+        group_index = torch.arange(groups, device=head_orders.device).repeat(per_group)
+        head_order = self._stored_head_index(group_index, head_orders.T.reshape(-1))
+        self._permute_query_heads(head_order, input_mean)
+        _store_calibration(self, "group_importance", None)
+        _store_calibration(self, "slot_importance", importance)
 
 
 class AmoebaDecoderLayer(LlamaDecoderLayer):
     def __init__(self, config: AmoebaConfig, layer_idx: int, size: LayerWidth):
         GradientCheckpointingLayer.__init__(self)
         self.hidden_size = config.hidden_size
-        self.self_attn = AmoebaAttention(config, layer_idx, size.key_value_groups)
+        self.self_attn = AmoebaAttention(config, layer_idx, size)
         self.mlp = AmoebaMLP(config, size.intermediate_size)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def set_width(self, size: LayerWidth) -> None:
-        self.self_attn.set_width(size.key_value_groups)
+        self.self_attn.set_width(size)
         self.mlp.set_width(size.intermediate_size)
 
 
@@ -213,7 +328,7 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
         """Calibration buffers start at zero (no compensation, no importance) when absent from a checkpoint, and
         LoRA experts as in LoRA (A random, B zero) so that adding them leaves the model's function unchanged."""
         super()._init_weights(module)
-        for name in ("input_mean", "neuron_importance", "group_importance"):
+        for name in ("input_mean", "neuron_importance", "group_importance", "slot_importance"):
             buffer = getattr(module, name, None)
             if isinstance(buffer, torch.Tensor):
                 init.zeros_(buffer)
@@ -292,10 +407,11 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
     def shape_space(self) -> ShapeSpace:
         if self._shape_space is None:
             allocator = None
-            group_scores = [getattr(layer.self_attn, "group_importance", None) for layer in self.layers]
+            item = "slot_importance" if self.config.attention_unit == "query_heads" else "group_importance"
+            attention_scores = [getattr(layer.self_attn, item, None) for layer in self.layers]
             neuron_scores = [getattr(layer.mlp, "neuron_importance", None) for layer in self.layers]
-            if self.config.width_mode == "global" and _calibrated(group_scores + neuron_scores):
-                allocator = GlobalWidthAllocator(self.config, group_scores, neuron_scores)
+            if self.config.width_mode == "global" and _calibrated(attention_scores + neuron_scores):
+                allocator = GlobalWidthAllocator(self.config, attention_scores, neuron_scores)
             self._shape_space = ShapeSpace(self.config, allocator)
         return self._shape_space
 
@@ -328,16 +444,23 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         neuron_orders: list[torch.Tensor],
         input_means: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         importance: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        attention_unit: str = "kv_groups",
     ) -> None:
-        """Reorder every layer's KV groups and MLP neurons so that each width keeps a prefix (Stage 1).
+        """Reorder every layer's attention items and MLP neurons so that each width keeps a prefix (Stage 1).
 
-        The full model's function is unchanged. Per layer, `input_means` are the calibration means of the inputs of
-        o_proj and down_proj (bias compensation) and `importance` the scores of the groups and neurons (global
-        widths), both in the current order; they are stored reordered as buffers, so checkpoints carry them. `None`
-        removes them. The config's `bias_compensation` and `width_mode` follow, and the model is at full shape after.
+        The full model's function is unchanged. With `attention_unit="kv_groups"`, `group_orders[i]` orders layer i's
+        KV groups (most important first). With `"query_heads"` it is a (KV groups, query heads per group) tensor whose
+        row g orders group g's query heads (indices within the group, most important first): slot s is column s, and
+        query heads are stored slot-major. Per layer, `input_means` are the calibration means of the inputs of o_proj
+        and down_proj (bias compensation) in the current order; `importance` the scores of the attention items and
+        neurons (global widths), groups and neurons in the current order, slots in slot order. Both are stored as
+        buffers, so checkpoints carry them; `None` removes them. The config's `attention_unit`, `bias_compensation`
+        and `width_mode` follow, and the model is at full shape after.
         """
         if self.config.smol_experts:
             raise ValueError("permute_widths must run before enable_smol: the LoRA experts would not be permuted")
+        if attention_unit not in ATTENTION_UNITS:
+            raise ValueError(f"attention_unit must be one of {', '.join(ATTENTION_UNITS)}, got {attention_unit!r}")
         named = {"group_orders": group_orders, "neuron_orders": neuron_orders, "input_means": input_means,
                  "importance": importance}
         for name, values in named.items():
@@ -345,9 +468,13 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
                 raise ValueError(f"{name} must have one entry per layer ({len(self.layers)}), got {len(values)}")
         for index, layer in enumerate(self.layers):
             attention_mean, mlp_mean = (None, None) if input_means is None else input_means[index]
-            group_scores, neuron_scores = (None, None) if importance is None else importance[index]
-            layer.self_attn.permute_groups(group_orders[index], attention_mean, group_scores)
+            attention_scores, neuron_scores = (None, None) if importance is None else importance[index]
+            if attention_unit == "query_heads":
+                layer.self_attn.permute_slots(group_orders[index], attention_mean, attention_scores)
+            else:
+                layer.self_attn.permute_groups(group_orders[index], attention_mean, attention_scores)
             layer.mlp.permute_neurons(neuron_orders[index], mlp_mean, neuron_scores)
+        self.config.attention_unit = attention_unit
         self.update_shape_space(
             width_mode="uniform" if importance is None else "global", bias_compensation=input_means is not None
         )
@@ -362,7 +489,7 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         return self._active_layers
 
     def output_projections(self) -> list[tuple[ElasticLinear, ElasticLinear]]:
-        """Per layer, o_proj and down_proj: their input channels are the KV groups' and the neurons' outputs, where
+        """Per layer, o_proj and down_proj: their input channels are the query heads' and the neurons' outputs, where
         width calibration measures importance."""
         return [(layer.self_attn.o_proj, layer.mlp.down_proj) for layer in self.layers]
 

@@ -1,5 +1,5 @@
 """The shape vocabulary: what a shape is, how it is written ("DEPTHxWIDTH"), which layers a depth keeps, how many
-KV groups and neurons a width keeps, and what it costs.
+KV groups, query heads and neurons a width keeps, and what it costs.
 
 Pure functions of the config (plus, for global widths, per-layer importance scores), so that training, export,
 evaluation and deployment code agree on what a shape is without touching weights.
@@ -25,10 +25,19 @@ class Shape(NamedTuple):
 
 @dataclass(frozen=True)
 class LayerWidth:
-    """Active size of one decoder layer: whole KV groups of attention and a prefix of MLP neurons."""
+    """Active size of one decoder layer: KV groups, query heads per group and a prefix of MLP neurons.
+
+    A width removes whole KV groups (`attention_unit="kv_groups"`: every kept group keeps all its query heads) or
+    query heads inside every group (`"query_heads"`: every group is kept), never both.
+    """
 
     key_value_groups: int
     intermediate_size: int
+    query_heads_per_group: int
+
+    @property
+    def query_heads(self) -> int:
+        return self.key_value_groups * self.query_heads_per_group
 
 
 def default_depth_table(num_layers: int, min_depth: int) -> dict[str, list[int]]:
@@ -44,15 +53,41 @@ def full_layer_sizes(config) -> list[LayerWidth]:
     num_layers = config.num_hidden_layers
     kv_heads = config.layer_num_key_value_heads or [config.num_key_value_heads] * num_layers
     intermediate = config.layer_intermediate_sizes or [config.intermediate_size] * num_layers
-    return [LayerWidth(k, i) for k, i in zip(kv_heads, intermediate)]
+    per_group = config.num_attention_heads // config.num_key_value_heads
+    query_heads = config.layer_num_attention_heads or [k * per_group for k in kv_heads]
+    return [LayerWidth(k, i, q // k) for k, i, q in zip(kv_heads, intermediate, query_heads)]
 
 
-def group_cost(config) -> int:
-    """Parameters of one KV group: its query heads' q rows and o columns plus its own k and v rows."""
-    queries_per_group = config.num_attention_heads // config.num_key_value_heads
-    per_head = config.hidden_size * config.head_dim
-    bias = config.head_dim * (queries_per_group + 2) if (config.attention_bias or config.qkv_bias) else 0
-    return per_head * (2 * queries_per_group + 2) + bias
+def _has_qkv_bias(config) -> bool:
+    return bool(config.attention_bias or config.qkv_bias)
+
+
+def attention_parameters(config, size: LayerWidth) -> int:
+    """Parameters of a layer's attention at `size`: q, k, v rows and o columns (with q/k/v biases), o bias excluded."""
+    query_rows, kv_rows = size.query_heads * config.head_dim, size.key_value_groups * config.head_dim
+    bias = query_rows + 2 * kv_rows if _has_qkv_bias(config) else 0
+    return config.hidden_size * (2 * query_rows + 2 * kv_rows) + bias
+
+
+def attention_item_cost(config) -> int:
+    """Parameters of one attention width item of a full-size layer.
+
+    A KV group: its query heads' q rows and o columns plus its own k and v rows. A query-head slot
+    (`attention_unit="query_heads"`): one query head of every KV group, i.e. their q rows and o columns.
+    """
+    per_group = config.num_attention_heads // config.num_key_value_heads
+    if config.attention_unit == "query_heads":
+        slot_rows = config.num_key_value_heads * config.head_dim
+        return 2 * config.hidden_size * slot_rows + (slot_rows if _has_qkv_bias(config) else 0)
+    return attention_parameters(config, LayerWidth(1, 0, per_group))
+
+
+def fixed_attention_cost(config) -> int:
+    """Attention parameters of a full-size layer that no width removes: with query-head slots, the k and v rows."""
+    if config.attention_unit != "query_heads":
+        return 0
+    kv_rows = config.num_key_value_heads * config.head_dim
+    return 2 * config.hidden_size * kv_rows + (2 * kv_rows if _has_qkv_bias(config) else 0)
 
 
 def neuron_cost(config) -> int:
@@ -66,54 +101,73 @@ def fixed_layer_cost(config) -> int:
     return config.hidden_size * (2 + out_biases)
 
 
-def uniform_layer_width(full: LayerWidth, width: float) -> LayerWidth:
-    """Same fraction of KV groups and of MLP neurons in every layer, rounded to the nearest whole item.
+def _round_count(width: float, full: int) -> int:
+    return min(full, max(1, math.floor(width * full + 0.5)))
+
+
+def uniform_layer_width(full: LayerWidth, width: float, attention_unit: str = "kv_groups") -> LayerWidth:
+    """Same fraction of attention items (KV groups, or query heads per group) and of MLP neurons in every layer,
+    rounded to the nearest whole item.
 
     Counts grow monotonically with width, so a narrower shape keeps a subset of a wider shape's items (nested).
-    With few KV groups the parameter ratio differs from `width`; `ShapeSpace.parameter_count` gives the exact one.
+    With few attention items the parameter ratio differs from `width`; `ShapeSpace.parameter_count` gives the exact
+    one.
     """
-    groups = min(full.key_value_groups, max(1, math.floor(width * full.key_value_groups + 0.5)))
-    neurons = min(full.intermediate_size, max(1, math.floor(width * full.intermediate_size + 0.5)))
-    return LayerWidth(groups, neurons)
+    neurons = _round_count(width, full.intermediate_size)
+    if attention_unit == "query_heads":
+        return LayerWidth(full.key_value_groups, neurons, _round_count(width, full.query_heads_per_group))
+    return LayerWidth(_round_count(width, full.key_value_groups), neurons, full.query_heads_per_group)
 
 
 class GlobalWidthAllocator:
-    """One importance threshold over the items (KV groups, neurons) of all active layers, weighted by cost.
+    """One importance threshold over the items (attention items, neurons) of all active layers, weighted by cost.
 
-    Scores must be sorted descending within each layer (weights are permuted by importance, so a layer's kept
-    items are a prefix). Every layer keeps at least one group and one neuron. The global order is sorted once;
-    a width then costs one masked cumulative sum.
+    Attention items are KV groups, or query-head slots with `attention_unit="query_heads"` (whose k and v rows stay:
+    they count as kept parameters of every width). Scores must be sorted descending within each layer (weights are
+    permuted by importance, so a layer's kept items are a prefix). Every layer keeps at least one attention item and
+    one neuron. The global order is sorted once; a width then costs one masked cumulative sum.
     """
 
-    def __init__(self, config, group_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor]):
-        g_cost, n_cost = group_cost(config), neuron_cost(config)
+    def __init__(self, config, attention_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor]):
+        attention_cost, n_cost = attention_item_cost(config), neuron_cost(config)
         layers, costs, scores = [], [], []
-        for index, (groups, neurons) in enumerate(zip(group_scores, neuron_scores)):
-            for values, cost in ((groups, g_cost), (neurons, n_cost)):
+        for index, (items, neurons) in enumerate(zip(attention_scores, neuron_scores)):
+            for kind, (values, cost) in enumerate(((items, attention_cost), (neurons, n_cost))):
                 optional = values.detach().float().cpu()[1:]
                 scores.append(optional)
                 costs.append(torch.full_like(optional, float(cost), dtype=torch.float64))
-                layers.append(torch.full_like(optional, 2 * index + (0 if cost == g_cost else 1), dtype=torch.long))
+                layers.append(torch.full_like(optional, 2 * index + kind, dtype=torch.long))
         order = torch.argsort(torch.cat(scores), descending=True, stable=True)
         self._slot = torch.cat(layers)[order]
         self._cost = torch.cat(costs)[order]
-        self._num_layers = len(group_scores)
-        self._full = [LayerWidth(len(g), len(n)) for g, n in zip(group_scores, neuron_scores)]
-        self._g_cost, self._n_cost = g_cost, n_cost
+        self._num_layers = len(attention_scores)
+        self._full = [(len(a), len(n)) for a, n in zip(attention_scores, neuron_scores)]
+        self._attention_cost, self._n_cost = attention_cost, n_cost
+        self._fixed_attention = fixed_attention_cost(config)
+        self._query_heads = config.attention_unit == "query_heads"
+        self._groups = config.num_key_value_heads
+        self._per_group = config.num_attention_heads // config.num_key_value_heads
 
     def layer_widths(self, width: float, active_layers: list[int]) -> dict[int, LayerWidth]:
         active = torch.zeros(2 * self._num_layers, dtype=torch.bool)
         for index in active_layers:
             active[2 * index : 2 * index + 2] = True
         keep_mask = active[self._slot]
-        total = sum(f.key_value_groups * self._g_cost + f.intermediate_size * self._n_cost for f in
-                    (self._full[i] for i in active_layers))
-        mandatory = len(active_layers) * (self._g_cost + self._n_cost)
+        total = sum(self._fixed_attention + items * self._attention_cost + neurons * self._n_cost
+                    for items, neurons in (self._full[i] for i in active_layers))
+        mandatory = len(active_layers) * (self._fixed_attention + self._attention_cost + self._n_cost)
         budget = width * total - mandatory
         spent = torch.cumsum(self._cost * keep_mask, dim=0)
         selected = keep_mask & (spent <= budget + 0.5 * self._n_cost)
         extra = torch.bincount(self._slot[selected], minlength=2 * self._num_layers).tolist()
-        return {i: LayerWidth(1 + extra[2 * i], 1 + extra[2 * i + 1]) for i in active_layers}
+        widths = {}
+        for i in active_layers:
+            items, neurons = 1 + extra[2 * i], 1 + extra[2 * i + 1]
+            if self._query_heads:
+                widths[i] = LayerWidth(self._groups, neurons, items)
+            else:
+                widths[i] = LayerWidth(items, neurons, self._per_group)
+        return widths
 
 
 class ShapeSpace:
@@ -125,6 +179,7 @@ class ShapeSpace:
         self.min_width = config.min_width
         self.width_grid = sorted(config.width_grid, reverse=True)
         self.width_mode = config.width_mode
+        self.attention_unit = config.attention_unit
         self.depth_table = config.depth_table or default_depth_table(self.num_layers, self.min_depth)
         self.full_sizes = full_layer_sizes(config)
         self._config = config
@@ -164,16 +219,16 @@ class ShapeSpace:
             return {i: self.full_sizes[i] for i in kept}
         if self.width_mode == "global":
             return self._allocator.layer_widths(width, kept)
-        return {i: uniform_layer_width(self.full_sizes[i], width) for i in kept}
+        return {i: uniform_layer_width(self.full_sizes[i], width, self.attention_unit) for i in kept}
 
     def parameter_count(self, depth: int, width: float) -> int:
         """Parameters of the physically sliced subnet (embeddings and head included, tied weights once)."""
         config = self._config
         embed = config.vocab_size * config.hidden_size
         total = embed * (1 if config.tie_word_embeddings else 2) + config.hidden_size
-        g_cost, n_cost, fixed = group_cost(config), neuron_cost(config), fixed_layer_cost(config)
+        n_cost, fixed = neuron_cost(config), fixed_layer_cost(config)
         for size in self.layer_widths(depth, width).values():
-            total += fixed + size.key_value_groups * g_cost + size.intermediate_size * n_cost
+            total += fixed + attention_parameters(config, size) + size.intermediate_size * n_cost
         return total
 
     def grid(self) -> list[tuple[int, float]]:

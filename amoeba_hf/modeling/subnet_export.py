@@ -101,11 +101,14 @@ def _family_config(config: AmoebaConfig, depth: int, size: LayerWidth, attention
     """Stock config of the source family for a uniform shape; raises ValueError if the family cannot express it."""
     if (attention_out_bias or mlp_out_bias) and config.source_model_type != "llama":
         raise ValueError(f"{config.source_model_type} has no output-projection biases for bias compensation")
+    if config.source_model_type == "llama" and config.hidden_size % size.query_heads:
+        raise ValueError(f"LlamaConfig needs hidden_size ({config.hidden_size}) to be a multiple of the query heads "
+                         f"({size.query_heads})")
     fields = {name: getattr(config, name) for name in _COMMON_FIELDS}
     fields.update(
         num_hidden_layers=depth,
         num_key_value_heads=size.key_value_groups,
-        num_attention_heads=size.key_value_groups * (config.num_attention_heads // config.num_key_value_heads),
+        num_attention_heads=size.query_heads,
         intermediate_size=size.intermediate_size,
         head_dim=config.head_dim,
     )
@@ -120,13 +123,16 @@ def _family_config(config: AmoebaConfig, depth: int, size: LayerWidth, attention
 
 def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_bias: bool,
                    mlp_out_bias: bool) -> AmoebaConfig:
-    """Any-shape config with fixed per-layer sizes and a single shape: the physically sliced subnet."""
+    """Any-shape config with fixed per-layer sizes and a single shape: the physically sliced subnet (query heads
+    group-major, as `_active_tensors` writes them)."""
     fields = config.to_dict()
     for key in ("model_type", "transformers_version", "architectures"):
         fields.pop(key, None)
     fields.update(
         num_hidden_layers=len(sizes),
         layer_num_key_value_heads=[s.key_value_groups for s in sizes],
+        layer_num_attention_heads=[s.query_heads for s in sizes],
+        attention_unit="kv_groups",
         layer_intermediate_sizes=[s.intermediate_size for s in sizes],
         depth_table=None,
         min_depth=len(sizes),
@@ -142,7 +148,8 @@ def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_
 
 
 def _active_tensors(model: PreTrainedModel, merge: bool) -> dict[str, torch.Tensor]:
-    """The current shape's weights (LoRA merged if `merge`) under the key names of a compact Llama state dict."""
+    """The current shape's weights (LoRA merged if `merge`) under the key names of a compact Llama state dict, query
+    heads in the stock group-major order."""
     inner = model.model
     inner.route(deterministic=True)
     tensors = {"model.embed_tokens.weight": inner.embed_tokens.weight, "model.norm.weight": inner.norm.weight}
@@ -153,8 +160,13 @@ def _active_tensors(model: PreTrainedModel, merge: bool) -> dict[str, torch.Tens
         tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
         for name, module in layer.named_modules():
             if hasattr(module, "merged_weight"):
-                tensors[f"{prefix}{name}.weight"] = module.merged_weight() if merge else module.active_weight()
-                bias = module.active_bias()
+                weight, bias = module.merged_weight() if merge else module.active_weight(), module.active_bias()
+                if name == "self_attn.q_proj":
+                    weight = layer.self_attn.stock_head_order(weight, 0)
+                    bias = None if bias is None else layer.self_attn.stock_head_order(bias, 0)
+                elif name == "self_attn.o_proj":
+                    weight = layer.self_attn.stock_head_order(weight, 1)
+                tensors[f"{prefix}{name}.weight"] = weight
                 if bias is not None:
                     tensors[f"{prefix}{name}.bias"] = bias
     return tensors

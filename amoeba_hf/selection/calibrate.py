@@ -24,7 +24,14 @@ from .depth import (
     perplexity_score,
     removable_layers,
 )
-from .width import WIDTH_METHODS, ChannelStatistics, apply_width_order, collect_statistics, layer_scores
+from .width import (
+    ATTENTION_UNITS,
+    WIDTH_METHODS,
+    ChannelStatistics,
+    apply_width_order,
+    collect_statistics,
+    layer_scores,
+)
 
 DEPTH_METHODS = ("dp", "block-influence", "drop-last")
 WIDTH_MODES = ("global", "uniform")
@@ -67,6 +74,14 @@ class CalibrationSettings:
             "choices": WIDTH_MODES,
         },
     )
+    attention_unit: str = field(
+        default="kv_groups",
+        metadata={
+            "help": "what a width removes from attention: kv_groups (whole KV groups with their query heads) or "
+            "query_heads (the same number of query heads in every KV group, all groups kept)",
+            "choices": ATTENTION_UNITS,
+        },
+    )
     bias_compensation: bool = field(default=True, metadata={"help": "do not add pruned channels' mean"})
     seed: int = field(default=0, metadata={"help": "seed of the calibration samples and random widths"})
     prefix_cache: bool = field(default=True, metadata={"cli": False})
@@ -93,6 +108,8 @@ class CalibrationSettings:
             raise ValueError(f"unknown width method {self.width_method!r}; choose from {WIDTH_METHODS}")
         if self.width_mode not in WIDTH_MODES:
             raise ValueError(f"width_mode must be one of {WIDTH_MODES}, got {self.width_mode!r}")
+        if self.attention_unit not in ATTENTION_UNITS:
+            raise ValueError(f"attention_unit must be one of {ATTENTION_UNITS}, got {self.attention_unit!r}")
         for width in self.widths or ():
             if not 0.0 < width <= 1.0:
                 raise ValueError(f"width {width} is outside (0, 1]")
@@ -127,7 +144,8 @@ class ResumeState:
     """What an interrupted calibration has finished, in `state_dir` (nothing is kept without one).
 
     `state.json` holds the settings' fingerprint, whether the width step is done and the DP's last saved row;
-    `width.pt` the channel statistics and importance scores. A different fingerprint starts from scratch.
+    `width.pt` the channel statistics and importance scores (attention scores per KV group, or per query head with
+    `attention_unit="query_heads"`). A different fingerprint starts from scratch.
     """
 
     def __init__(self, state_dir: str | os.PathLike | None, fingerprint: str):
@@ -224,9 +242,14 @@ def order_widths(model, blocks: torch.Tensor, settings: CalibrationSettings, sta
         stats, group_scores, neuron_scores = saved
     else:
         stats = collect_statistics(model, blocks, settings.chunk_size, show_progress)
-        group_scores, neuron_scores = layer_scores(model, stats, settings.width_method, settings.seed)
+        group_scores, neuron_scores = layer_scores(
+            model, stats, settings.width_method, settings.seed, settings.attention_unit
+        )
         state.save_width(stats, group_scores, neuron_scores)
-    apply_width_order(model, group_scores, neuron_scores, stats, settings.width_mode, settings.bias_compensation)
+    apply_width_order(
+        model, group_scores, neuron_scores, stats, settings.width_mode, settings.bias_compensation,
+        settings.attention_unit,
+    )
 
 
 def select_depths(

@@ -1,8 +1,9 @@
-"""Which KV groups and MLP neurons each width keeps: FLAP-style importance (AmoebaLLM §3) and baselines.
+"""Which KV groups (or query heads) and MLP neurons each width keeps: FLAP-style importance (AmoebaLLM §3) and
+baselines.
 
-Statistics of the inputs of `o_proj` and `down_proj` are streamed over calibration tokens. Each layer's groups
-and neurons are then permuted by importance (the full model's function is unchanged), so every width keeps a
-prefix and slicing stays a view.
+Statistics of the inputs of `o_proj` and `down_proj` are streamed over calibration tokens. Each layer's attention
+items (KV groups, or query-head slots) and neurons are then permuted by importance (the full model's function is
+unchanged), so every width keeps a prefix and slicing stays a view.
 """
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 WIDTH_METHODS = ("flap", "magnitude", "wanda-sp", "random")
+ATTENTION_UNITS = ("kv_groups", "query_heads")
 
 
 class ChannelStatistics:
@@ -88,41 +90,69 @@ def channel_scores(method: str, linear: nn.Linear, stats: ChannelStatistics, gen
     raise ValueError(f"unknown width method {method!r}; choose from {WIDTH_METHODS}")
 
 
-def layer_scores(model, stats: dict, method: str = "flap", seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Standardised importance per KV group and per neuron, per layer (z-scores, comparable across layers)."""
+def layer_scores(
+    model, stats: dict, method: str = "flap", seed: int = 0, attention_unit: str = "kv_groups"
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Standardised importance (z-scores, comparable across layers) of the attention and the neurons, per layer.
+
+    Attention: per KV group (`attention_unit="kv_groups"`), or per query head as a (KV group, head within the group)
+    tensor (`"query_heads"`); each is the mean z-score of its o_proj input channels, in the stored order.
+    """
+    if attention_unit not in ATTENTION_UNITS:
+        raise ValueError(f"attention_unit must be one of {', '.join(ATTENTION_UNITS)}, got {attention_unit!r}")
     generator = torch.Generator().manual_seed(seed)
-    config = model.config
-    group_width = config.num_attention_heads // config.num_key_value_heads * config.head_dim
-    group_scores, neuron_scores = [], []
-    for index, (o_proj, down_proj) in enumerate(model.model.output_projections()):
+    attention_scores, neuron_scores = [], []
+    for index, layer in enumerate(model.model.layers):
+        o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
         attention = _standardise(channel_scores(method, o_proj, stats[index, "attention"], generator))
-        group_scores.append(attention.view(-1, group_width).mean(1))
+        by_head = layer.self_attn.heads_by_group(attention)
+        if attention_unit == "query_heads":
+            attention_scores.append(by_head.mean(-1))
+        else:
+            attention_scores.append(by_head.reshape(by_head.shape[0], -1).mean(1))
         neuron_scores.append(_standardise(channel_scores(method, down_proj, stats[index, "mlp"], generator)))
-    return group_scores, neuron_scores
+    return attention_scores, neuron_scores
+
+
+def slot_orders(head_scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From (KV group, query head) scores: each group's heads best first (slot s = the s-th best head of every group)
+    and the slots' scores, the mean over groups (like a KV group's score, a mean, so it compares with neurons')."""
+    ranked, order = torch.sort(head_scores, dim=1, descending=True, stable=True)
+    return order, ranked.mean(0)
 
 
 def apply_width_order(
     model,
-    group_scores: list[torch.Tensor],
+    attention_scores: list[torch.Tensor],
     neuron_scores: list[torch.Tensor],
     stats: dict | None,
     width_mode: str = "global",
     bias_compensation: bool = True,
+    attention_unit: str = "kv_groups",
 ) -> None:
     """Permute every layer by importance, store what set_shape needs, and switch the model's width mode.
 
-    Stores sorted importance (global mode) and per-channel input means (bias compensation) as buffers, so the
-    checkpoint carries them and any width can be cut later.
+    `attention_scores` are `layer_scores`' for the same `attention_unit`. Stores sorted importance (global mode)
+    and per-channel input means (bias compensation) as buffers, so the checkpoint carries them and any width can
+    be cut later. With `"query_heads"` every width keeps all KV groups and the same number of query heads in each.
     """
     if width_mode not in ("global", "uniform"):
         raise ValueError(f"width_mode must be 'global' or 'uniform', got {width_mode!r}")
+    if attention_unit not in ATTENTION_UNITS:
+        raise ValueError(f"attention_unit must be one of {', '.join(ATTENTION_UNITS)}, got {attention_unit!r}")
     if bias_compensation and stats is None:
         raise ValueError("bias compensation needs calibration statistics")
-    layers = range(len(group_scores))
+    layers = range(len(attention_scores))
     input_means = [(stats[i, "attention"].mean, stats[i, "mlp"].mean) for i in layers] if bias_compensation else None
+    if attention_unit == "query_heads":
+        attention_orders, item_scores = zip(*(slot_orders(scores) for scores in attention_scores))
+    else:
+        attention_orders = [torch.argsort(scores, descending=True, stable=True) for scores in attention_scores]
+        item_scores = attention_scores
     model.model.permute_widths(
-        [torch.argsort(scores, descending=True, stable=True) for scores in group_scores],
+        list(attention_orders),
         [torch.argsort(scores, descending=True, stable=True) for scores in neuron_scores],
         input_means=input_means,
-        importance=list(zip(group_scores, neuron_scores)) if width_mode == "global" else None,
+        importance=list(zip(item_scores, neuron_scores)) if width_mode == "global" else None,
+        attention_unit=attention_unit,
     )
