@@ -20,7 +20,7 @@ from amoeba_hf.training.finetune import FinetuneSettings
 # Every flag of these commands before their flags were generated from the settings (`amoeba COMMAND --help`).
 KNOWN_FLAGS = {
     "calibrate": "--data --out --score --mc-data --min-depth --widths --samples --seq-len --keep-last --keep-first "
-                 "--depth-method --width-method --width-mode --no-bias-compensation --seed",
+                 "--depth-method --width-method --width-mode --attention-unit --no-bias-compensation --seed",
     "train": "--data --out --steps --batch-size --grad-accum --lr --max-prompt-tokens --max-response-tokens --experts "
              "--top-k --rank --random-shapes --widths --no-distillation --teacher --no-balancing --no-router-noise "
              "--train-base --save-steps --seed",

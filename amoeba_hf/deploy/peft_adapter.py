@@ -43,6 +43,10 @@ def shape_lora(model: AmoebaForCausalLM, depth: int, width: float) -> dict[str, 
                         "(smol_exact_full_shape), so export_subnet(depth, width) alone is that shape"
                     )
                 mixed_a, mixed_b = module.mixed_experts()
+                if name == "self_attn.q_proj":  # query heads in the exported subnet's stock order
+                    mixed_b = layer.self_attn.stock_head_order(mixed_b, 0)
+                elif name == "self_attn.o_proj":
+                    mixed_a = layer.self_attn.stock_head_order(mixed_a, 1)
                 lora[f"model.layers.{slot}.{name}"] = (mixed_a.clone(), mixed_b.clone())
     return lora
 

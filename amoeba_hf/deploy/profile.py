@@ -174,6 +174,8 @@ def layer_signature(model: PreTrainedModel, depth: int, width: float) -> str:
     widths = model.shape_space.layer_widths(depth, width)
     sizes = [model.config.hidden_size, model.config.vocab_size]
     sizes += [[index, size.key_value_groups, size.intermediate_size] for index, size in sorted(widths.items())]
+    if model.config.attention_unit == "query_heads":
+        sizes.append([size.query_heads_per_group for _, size in sorted(widths.items())])
     return hashlib.sha1(json.dumps(sizes).encode()).hexdigest()[:12]
 
 

@@ -22,7 +22,7 @@ from transformers.utils import cached_file
 WEIGHT_HASHES_FILE = "weights_sha256.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-CALIBRATION_BUFFERS = ("input_mean", "neuron_importance", "group_importance")
+CALIBRATION_BUFFERS = ("input_mean", "neuron_importance", "group_importance", "slot_importance")
 SHOWN_KEYS = 6
 DOWNLOAD_OPTIONS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
 
