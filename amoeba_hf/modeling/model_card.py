@@ -139,14 +139,19 @@ def _shape_space_section(model) -> str:
         if space.width_mode == "uniform"
         else "one global importance threshold across layers, so layers keep different fractions"
     )
+    attention_rule = (
+        "Attention is cut in query heads, the same number inside every KV group, all groups kept"
+        if config.attention_unit == "query_heads"
+        else "Attention is cut in whole KV groups"
+    )
     lines = [
         "## Shape space",
         "",
         f"- **depth**: the number of decoder layers kept, any integer from {space.min_depth} to {space.num_layers}. "
         "The table below lists the layers each depth drops.",
         f"- **width**: the fraction of the attention and MLP parameters kept, any number in [{space.min_width:g}, 1]; "
-        f"{width_rule} (`width_mode: {space.width_mode}`). Attention is cut in whole KV groups "
-        f"({groups} groups of {queries_per_group} query heads), the MLP in neurons ({config.intermediate_size}).",
+        f"{width_rule} (`width_mode: {space.width_mode}`). {attention_rule} ({groups} groups of "
+        f"{queries_per_group} query heads), the MLP in neurons ({config.intermediate_size}).",
         f"- **architecture**: {config.source_model_type}, {config.num_hidden_layers} layers, hidden size "
         f"{config.hidden_size}, head_dim {config.head_dim}, vocabulary {config.vocab_size}"
         f"{', tied embeddings' if config.tie_word_embeddings else ''}.",
