@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+WEIGHT_CACHE_MODES = ("off", "strided", "merged")
+
 
 class ElasticLinear(nn.Linear):
     """`nn.Linear` that computes with `weight[:active_out, :active_in]`, a view (no copy, no mask).
@@ -18,7 +20,16 @@ class ElasticLinear(nn.Linear):
     gates g set by the model before each forward, the update is `s * (sum_e g_e B_e)(sum_e g_e A_e)` sliced to
     the active width, i.e. one ordinary rank-r LoRA per shape. Gates of `None` mean no update (a shape that runs
     the base weights only).
+
+    Inference keeps a contiguous copy of the active weight where computing with the view would be slower
+    (`weight_cache_mode`, see `set_weight_cache`): a column prefix `weight[:, :active_in]` is a strided view, and
+    with `"merged"` the shape's LoRA update is folded into the copy (two matmuls fewer per token). The copy is
+    made on the second forward at the same sizes, so `set_active` stays cheap and a one-off forward (a prefill
+    right after a shape switch) pays no copy; it is rebuilt whenever the sizes, weight, bias, gates or experts
+    change, and never used while autograd needs gradients through them, so training is unchanged.
     """
+
+    weight_cache_mode: str = "strided"
 
     def __init__(
         self,
@@ -41,6 +52,7 @@ class ElasticLinear(nn.Linear):
         self.lora_B: nn.Parameter | None = None
         self.gates: torch.Tensor | None = None
         self._mixed: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._weight_cache: tuple[tuple, tuple, torch.Tensor | None, torch.Tensor | None] | None = None
         if experts > 0:
             self.add_experts(experts, rank, alpha, dropout)
 
@@ -61,8 +73,11 @@ class ElasticLinear(nn.Linear):
 
     def set_active(self, active_in: int | None = None, active_out: int | None = None) -> None:
         """Select the prefix of input columns / output rows to use; `None` means all."""
-        self.active_in = self.in_features if active_in is None else active_in
-        self.active_out = self.out_features if active_out is None else active_out
+        active_in = self.in_features if active_in is None else active_in
+        active_out = self.out_features if active_out is None else active_out
+        if (active_in, active_out) != (self.active_in, self.active_out):
+            self._weight_cache = None
+        self.active_in, self.active_out = active_in, active_out
         mean = getattr(self, "input_mean", None)
         if mean is None or self.active_in == self.in_features:
             self.compensation = None
@@ -72,11 +87,13 @@ class ElasticLinear(nn.Linear):
                 self.compensation = pruned @ mean[self.active_in :].to(pruned.dtype)
 
     def active_weight(self) -> torch.Tensor:
+        if self.active_out == self.out_features and self.active_in == self.in_features:
+            return self.weight
         return self.weight[: self.active_out, : self.active_in]
 
     def active_bias(self) -> torch.Tensor | None:
         """Bias of the active rows, with the pruned channels' compensation folded in."""
-        bias = None if self.bias is None else self.bias[: self.active_out]
+        bias = self.bias if self.bias is None or self.active_out == self.out_features else self.bias[: self.active_out]
         if self.compensation is None:
             return bias
         return self.compensation if bias is None else bias + self.compensation
@@ -106,8 +123,85 @@ class ElasticLinear(nn.Linear):
         mixed_a, mixed_b = self.mixed_experts()
         return self.active_weight() + self.lora_scaling * (mixed_b @ mixed_a)
 
+    def set_weight_cache(self, mode: str) -> None:
+        """`"strided"` (default): cache a contiguous copy where input columns are sliced; `"merged"`: also cache
+        the weight with the shape's LoRA merged in, for every linear with gates; `"off"`: never, and free it."""
+        if mode not in WEIGHT_CACHE_MODES:
+            raise ValueError(f"weight cache mode must be one of {', '.join(WEIGHT_CACHE_MODES)}, got {mode!r}")
+        self.weight_cache_mode = mode
+        self._weight_cache = None
+
+    def weight_cache_bytes(self) -> int:
+        """Memory the cache adds: its weight and bias, less what are views of parameters or the compensation."""
+        if self._weight_cache is None:
+            return 0
+        return sum(
+            tensor.numel() * tensor.element_size() for tensor in self._weight_cache[2:]
+            if tensor is not None and tensor._base is None and tensor is not self.compensation
+        )
+
+    def _weight_cache_key(self, merge: bool) -> tuple | None:
+        """What the cached weight depends on: the sizes, and the identity, storage and version of each source
+        tensor (the entry keeps them alive, so ids stay unique). `None` for inference tensors (no version)."""
+        weight, bias, gates = self.weight, self.bias, self.gates
+        try:
+            key = (
+                self.active_in, self.active_out, merge, id(self.compensation),
+                id(weight), weight.data_ptr(), weight._version, None if bias is None else (id(bias), bias._version),
+            )
+            if merge:
+                lora_a, lora_b = self.lora_A, self.lora_B
+                key += (id(gates), gates._version, id(lora_a), lora_a._version, id(lora_b), lora_b._version)
+        except RuntimeError:
+            return None
+        return key
+
+    def cached_weight(self) -> tuple[torch.Tensor, torch.Tensor | None, bool] | None:
+        """(weight, bias, LoRA merged) from the cache, or `None` where the plain path is as fast or must be used."""
+        mode = self.weight_cache_mode
+        merge = (
+            mode == "merged" and self.gates is not None and self.lora_A is not None
+            and not (self.training and isinstance(self.lora_dropout, nn.Dropout))
+        )
+        if mode == "off" or (not merge and self.active_in == self.in_features):
+            return None
+        if torch.is_grad_enabled() and any(
+            tensor is not None and tensor.requires_grad
+            for tensor in (self.weight, self.bias, self.gates, self.lora_A, self.lora_B)
+        ):
+            return None
+        key = self._weight_cache_key(merge)
+        if key is None:
+            return None
+        entry = self._weight_cache
+        if entry is None or entry[0] != key:
+            sources = (self.weight, self.bias, self.compensation, self.gates, self.lora_A, self.lora_B)
+            self._weight_cache = (key, sources, None, None)
+            return None
+        weight, bias = entry[2], entry[3]
+        if weight is None:
+            with torch.inference_mode(False), torch.no_grad():
+                weight = self.merged_weight() if merge else self.active_weight().contiguous()
+                bias = self.active_bias()
+            self._weight_cache = (key, entry[1], weight, bias)
+        return weight, bias, merge
+
+    def __getstate__(self) -> dict:
+        """Copies (`shape_view`, pickling) start without this module's cached tensors; they rebuild on use."""
+        state = super().__getstate__()
+        state["_weight_cache"] = None
+        state["_mixed"] = None
+        return state
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        output = F.linear(input, self.active_weight(), self.active_bias())
+        cached = self.cached_weight()
+        if cached is None:
+            output = F.linear(input, self.active_weight(), self.active_bias())
+        else:
+            weight, bias, merged = cached
+            output = F.linear(input, weight, bias)
+            if merged:
+                return output
         if self.lora_A is None or self.gates is None:
             return output
         mixed_a, mixed_b = self.mixed_experts()
@@ -118,4 +212,16 @@ class ElasticLinear(nn.Linear):
         return f"{super().extra_repr()}, active_in={self.active_in}, active_out={self.active_out}{experts}"
 
 
-__all__ = ["ElasticLinear"]
+def set_weight_cache(model: nn.Module, mode: str = "strided") -> None:
+    """Set the inference weight cache of every `ElasticLinear` in `model` (see `ElasticLinear.set_weight_cache`)."""
+    for module in model.modules():
+        if isinstance(module, ElasticLinear):
+            module.set_weight_cache(mode)
+
+
+def weight_cache_bytes(model: nn.Module) -> int:
+    """Bytes held by the weight caches of every `ElasticLinear` in `model`."""
+    return sum(module.weight_cache_bytes() for module in model.modules() if isinstance(module, ElasticLinear))
+
+
+__all__ = ["WEIGHT_CACHE_MODES", "ElasticLinear", "set_weight_cache", "weight_cache_bytes"]
