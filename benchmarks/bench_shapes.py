@@ -1,4 +1,5 @@
-"""Speed and memory of shapes: set_shape latency, prefill and decode tokens/s, elastic vs exported, peak RSS.
+"""Speed and memory of shapes: set_shape latency, prefill and decode tokens/s, elastic vs exported, peak RSS, and the
+memory of the elastic model's weight cache (contiguous copies of column-sliced weights, see `ElasticLinear`).
 
 Ratios are taken within one run: every repetition measures all shapes round-robin, so machine noise hits them alike.
 
@@ -20,6 +21,7 @@ import torch
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.deploy.profile import time_decode, time_prefill, time_set_shape
+from amoeba_hf.modeling.elastic_linear import WEIGHT_CACHE_MODES, set_weight_cache, weight_cache_bytes
 from amoeba_hf.pipeline.sources import convert_source
 
 TARGETS = (0.8, 0.65, 0.5)
@@ -81,11 +83,14 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512, help="prefill length")
     parser.add_argument("--new-tokens", type=int, default=128, help="decode length")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--weight-cache", choices=WEIGHT_CACHE_MODES, default="strided",
+                        help="the elastic model's inference weight cache (default: strided, the model's default)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_shapes.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     folder, model = load_model(args.model)
+    set_weight_cache(model, args.weight_cache)
     shapes = pick_shapes(model)
     space = model.shape_space
     full_params = space.parameter_count(space.num_layers, 1.0)
@@ -107,6 +112,7 @@ def main() -> None:
         prefill_tokens_per_s(subnets[name], prefill_ids)
     samples = {name: {"elastic_prefill": [], "exported_prefill": [], "elastic_decode": [], "exported_decode": []}
                for name, _, _ in shapes}
+    cache_bytes = {}
     for repetition in range(args.repeats):
         # Prefills and decodes in separate passes: interleaved, decodes biased the prefill ratios (docs/benchmarks.md).
         for phase in ("prefill", "decode"):
@@ -118,6 +124,9 @@ def main() -> None:
                     speed = (prefill_tokens_per_s(timed, prefill_ids) if phase == "prefill"
                              else decode_tokens_per_s(timed, decode_ids, args.new_tokens))
                     samples[name][f"{kind}_{phase}"].append(speed)
+                if phase == "decode":  # the shape's own layers, and all the model holds (inactive layers keep theirs)
+                    cache_bytes[name] = (sum(weight_cache_bytes(layer) for layer in model.model.active_layers),
+                                         weight_cache_bytes(model))
         print(f"repetition done ({len(samples['full']['elastic_prefill'])}/{args.repeats})", file=sys.stderr)
 
     median = {name: {k: statistics.median(v) for k, v in s.items()} for name, s in samples.items()}
@@ -138,19 +147,20 @@ def main() -> None:
             "decode_speedup_exported": m["exported_decode"] / base["elastic_decode"],
             "elastic_over_exported_prefill": m["elastic_prefill"] / m["exported_prefill"],
             "elastic_over_exported_decode": m["elastic_decode"] / m["exported_decode"],
+            "weight_cache_mb": cache_bytes[name][0] / 2**20, "weight_cache_mb_held": cache_bytes[name][1] / 2**20,
             "peak_rss_mb_elastic": peak_rss_mb(folder, (depth, width), args.seq),
             "peak_rss_mb_exported": peak_rss_mb(subdir, None, args.seq),
         })
 
     header = (f"{'shape':<10} {'d':>3} {'w':>6} {'params':>7} {'ideal':>6} {'prefill el/ex':>14} "
-              f"{'decode el/ex':>13} {'el/ex pre':>9} {'el/ex dec':>9} {'RSS MB el/ex':>13}")
+              f"{'decode el/ex':>13} {'el/ex pre':>9} {'el/ex dec':>9} {'RSS MB el/ex':>13} {'cache MB':>8}")
     print(header)
     for r in rows:
         print(f"{r['shape']:<10} {r['depth']:>3} {r['width']:>6.3f} {r['param_ratio']:>6.1%} {r['ideal_speedup']:>5.2f}x "
               f"{r['prefill_speedup_elastic']:>6.2f}x/{r['prefill_speedup_exported']:>5.2f}x "
               f"{r['decode_speedup_elastic']:>5.2f}x/{r['decode_speedup_exported']:>5.2f}x "
               f"{r['elastic_over_exported_prefill']:>9.2f} {r['elastic_over_exported_decode']:>9.2f} "
-              f"{r['peak_rss_mb_elastic']:>6.0f}/{r['peak_rss_mb_exported']:<6.0f}")
+              f"{r['peak_rss_mb_elastic']:>6.0f}/{r['peak_rss_mb_exported']:<6.0f} {r['weight_cache_mb']:>8.1f}")
     switch_median = statistics.median(switch)
     print(f"set_shape latency: median {switch_median:.3f} ms, max {max(switch):.3f} ms over {len(switch)} switches")
     print(f"full model: prefill {base['elastic_prefill']:.0f} tok/s (seq {args.seq}), "
