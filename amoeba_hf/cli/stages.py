@@ -1,15 +1,17 @@
-"""`amoeba calibrate` (Stage 1) and `amoeba train` (Stage 2)."""
+"""`amoeba calibrate` (Stage 1), `amoeba reconstruct` (Stage 2a) and `amoeba train` (Stage 2)."""
 
 import argparse
 
 from ..io import ensure_free_output_dir, save_checkpoint
 from ..selection.calibrate import CalibrationSettings
 from ..training.finetune import FinetuneSettings
+from ..training.reconstruction import ReconstructionSettings
 from . import add_command, add_settings_arguments, settings_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     _register_calibrate(commands)
+    _register_reconstruct(commands)
     _register_train(commands)
 
 
@@ -49,6 +51,42 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     print(f"calibrated checkpoint written to {out}: {report.evaluations} DP evaluations, "
           f"{report.layer_forwards} layer-forwards, depth {report.depth_seconds:.0f} s, "
           f"width {report.width_seconds:.0f} s")
+
+
+def _register_reconstruct(commands: argparse._SubParsersAction) -> None:
+    parser = add_command(
+        commands, "reconstruct", _cmd_reconstruct,
+        "Stage 2a: train each layer's SMoL experts to reproduce the dense hidden states at every shape keeping it",
+        "amoeba reconstruct smollm2-calibrated --data ../shared/data/calibration/c4_demo.jsonl --steps 32 "
+        "--out smollm2-reconstructed",
+        resumable=True,
+    )
+    parser.add_argument("model", nargs="?", default=None,
+                        help="(calibrated) any-shape checkpoint or a source model (default: embedded SmolLM2)")
+    parser.add_argument("--out", required=True, help="new folder for the reconstructed checkpoint")
+    add_settings_arguments(parser, ReconstructionSettings)
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> None:
+    import json
+    import shutil
+    from dataclasses import asdict
+
+    from ..pipeline.sources import load_or_convert
+    from ..training.reconstruction import reconstruct
+
+    settings = settings_from_args(ReconstructionSettings, args)
+    settings.validate()
+    out = ensure_free_output_dir(args.out)
+    model, tokenizer = load_or_convert(args.model)
+    state_dir = out.parent / f".{out.name}.reconstruct-state"
+    report = reconstruct(model, tokenizer, settings, state_dir=state_dir)
+    summary = json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2)
+    save_checkpoint(model, tokenizer, out, files={"reconstruction.json": summary})
+    shutil.rmtree(state_dir, ignore_errors=True)
+    resumed = f", {len(report.resumed_layers)} resumed" if report.resumed_layers else ""
+    print(f"reconstructed checkpoint written to {out}: {len(report.layers)} layers{resumed}, "
+          f"dense states {report.cache_seconds:.0f} s, training {report.train_seconds:.0f} s")
 
 
 def _register_train(commands: argparse._SubParsersAction) -> None:
