@@ -1,0 +1,258 @@
+"""Shape quality: how good are the shapes at ≈80/65/50% of the parameters, per recovery recipe (issue 13).
+
+Every recipe is a sequence of `amoeba` commands, run as a user would run them (each step's folder is kept in
+`--work` and reused by the recipes that share it; a step that was interrupted is run again, and `amoeba train`
+resumes from its last checkpoint). Its cost is the wall-clock minutes of its calibration and recovery steps on this
+machine (conversion of the source model is not counted).
+
+Data roles: recipes calibrate and train only on `calibration/c4_demo.jsonl`, `finetune/alpaca_en_demo.json` or
+text the base model generates itself. `calibration/wiki_demo.txt` (30 Wikipedia articles, none in WikiText-2 test)
+is the development set: it picks each size class's shape (depth x width split) and screens recipes (`--protocol
+dev`), so no choice is ever made on an evaluation set. `--protocol full` then scores the chosen shapes the way the
+issue asks: WikiText-2 test perplexity (first 32,768 tokens, 512-token windows) and zero-shot ARC-Easy, HellaSwag
+and PIQA acc_norm (200 items each, seed 1234), through `amoeba_hf.evaluation.runner.evaluate_shapes` (the
+`amoeba eval` protocol).
+
+    python benchmarks/bench_quality.py --protocol dev --recipes no_recovery,kl_text
+    python benchmarks/bench_quality.py --protocol full          # writes benchmarks/results/shape_quality.json
+
+Results are written after every measurement and skipped on a re-run, so an interrupted run resumes.
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
+
+from amoeba_hf import AmoebaForCausalLM
+from amoeba_hf.evaluation.runner import EvalSettings, evaluate_shapes
+from amoeba_hf.evaluation.scoring import perplexity
+from amoeba_hf.modeling.checkpoint_files import write_text_atomically
+from amoeba_hf.modeling.shape_space import shape_key
+from amoeba_hf.plotting import png_figure
+
+ROOT = Path(__file__).resolve().parent
+TARGETS = (0.80, 0.65, 0.50)
+WIDTHS = "1,0.875,0.75,0.625,0.5"
+ZERO_SHOT = ("arc_easy", "hellaswag", "piqa")
+CHANCE = {"arc_easy": 0.25, "hellaswag": 0.25, "piqa": 0.5}
+C4 = "{data}/calibration/c4_demo.jsonl"
+ALPACA = "{data}/finetune/alpaca_en_demo.json"
+DEV_TEXT = "calibration/wiki_demo.txt"
+DENSE_ROW = "no_recovery"  # its full shape is the dense model; every recipe distils from the frozen base, whose
+# full shape stays the source model bit for bit, so the dense row is scored once
+
+
+@dataclass(frozen=True)
+class Step:
+    """One `amoeba` command that writes the folder `name` from the folder `source` (None: the converted base)."""
+
+    name: str
+    args: tuple[str, ...]
+    source: str | None = None
+    counted: bool = True
+
+
+CONVERT = Step("base", ("convert",), counted=False)
+CALIBRATE_BI = Step("cal_bi", ("calibrate", "--data", C4, "--widths", WIDTHS, "--depth-method", "block-influence"),
+                    "base")
+CALIBRATE_QH = Step("cal_qh", (*CALIBRATE_BI.args, "--attention-unit", "query_heads"), "base")
+CALIBRATE_QH_GLOBAL = Step("cal_qh_global", (*CALIBRATE_QH.args, "--width-mode", "global"), "base")
+TODAY = Step("build_quick", ("build", "--preset", "quick"), counted=True)
+
+
+def train(name: str, source: str, *extra: str) -> Step:
+    """Stage 2 distilled from the frozen base model (the full shape stays the source model exactly)."""
+    return Step(name, ("train", "--data", C4, ALPACA, "--teacher", "base", "--no-router-noise", "--batch-size", "2",
+                       "--grad-accum", "1", "--save-steps", "10", *extra), source)
+
+
+RECIPES: dict[str, tuple[Step, ...]] = {
+    "no_recovery": (CALIBRATE_BI,),
+    "today": (TODAY,),
+    "query_heads": (CALIBRATE_QH,),
+    "query_heads_global": (CALIBRATE_QH_GLOBAL,),
+    "kl_text": (CALIBRATE_BI, train("kl_text", "cal_bi", "--lr", "1e-3", "--steps", "30")),
+}
+LABELS = {
+    "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
+    "today": "today's recipe (`amoeba build --preset quick`)",
+    "query_heads": "lever 1: query heads inside KV groups (uniform widths), no recovery",
+    "query_heads_global": "lever 1: query heads inside KV groups, global widths (FLAP), no recovery",
+    "kl_text": "lever 3: KL from the base on real text (C4 + Alpaca), lr 1e-3, 30 steps",
+}
+
+
+def _children_cpu_seconds() -> float:
+    """CPU time (user + system) of finished child processes: unlike wall time, not inflated by other jobs."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_step(step: Step, work: Path, data_dir: Path, results: dict, save) -> None:
+    """Run `step` unless its folder holds a finished checkpoint; record its minutes."""
+    out = work / step.name
+    timings = results.setdefault("steps", {})
+    if (out / "config.json").is_file() and step.name in timings:
+        return
+    args = [arg.format(data=data_dir) for arg in step.args]
+    command = [sys.executable, "-m", "amoeba_hf.cli", args[0]]
+    if step.source is not None:
+        command.append(str(work / step.source))
+    command += [*args[1:], "--out", str(out)]
+    print("$", " ".join(command[2:]), flush=True)
+    start, cpu_start = time.perf_counter(), _children_cpu_seconds()
+    subprocess.run(command, check=True)
+    timings[step.name] = {"command": "amoeba " + " ".join(command[3:]), "minutes": (time.perf_counter() - start) / 60,
+                          "cpu_minutes": (_children_cpu_seconds() - cpu_start) / 60}
+    save()
+
+
+def recipe_minutes(recipe: str, results: dict) -> float:
+    return sum(results["steps"][s.name]["minutes"] for s in RECIPES[recipe] if s.counted)
+
+
+def dev_perplexity(model, dev_ids: torch.Tensor, depth: int, width: float) -> float:
+    with model.shaped(depth, width):
+        return perplexity(model, dev_ids, window=512)["ppl"]
+
+
+def candidate_shapes(model, target: float) -> list[tuple[int, float]]:
+    """Per depth, the grid width whose total parameter ratio is nearest `target` (within 2.5 points)."""
+    space = model.shape_space
+    full = space.parameter_count(space.num_layers, 1.0)
+    candidates = []
+    for depth in space.depths:
+        width = min(space.width_grid, key=lambda w: abs(space.parameter_count(depth, w) / full - target))
+        if abs(space.parameter_count(depth, width) / full - target) <= 0.025:
+            candidates.append((depth, width))
+    return candidates
+
+
+def pick_shapes(model, dev_ids: torch.Tensor, entry: dict, save) -> dict[str, list]:
+    """Each size class's shape with the lowest development-set perplexity (never an evaluation set)."""
+    picked = entry.setdefault("picked", {})
+    scores = entry.setdefault("dev_candidates", {})
+    for target in TARGETS:
+        label = f"{target:.0%}"
+        if label in picked:
+            continue
+        for depth, width in candidate_shapes(model, target):
+            key = shape_key(depth, width)
+            if key not in scores:
+                scores[key] = dev_perplexity(model, dev_ids, depth, width)
+                save()
+        best = min(candidate_shapes(model, target), key=lambda s: scores[shape_key(*s)])
+        picked[label] = list(best)
+        save()
+    return picked
+
+
+def parameter_entry(model, depth: int, width: float) -> dict:
+    """Total and non-embedding (body) parameters of a shape, and their ratios to the full model."""
+    space, config = model.shape_space, model.config
+    embedding = config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
+    total, full = space.parameter_count(depth, width), space.parameter_count(space.num_layers, 1.0)
+    return {"depth": depth, "width": width, "parameters": total, "total_ratio": total / full,
+            "body_ratio": (total - embedding) / (full - embedding)}
+
+
+def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: torch.Tensor) -> None:
+    folder = args.work / RECIPES[recipe][-1].name
+    entry = results["recipes"].setdefault(recipe, {"label": LABELS[recipe], "checkpoint": str(folder)})
+    entry["minutes"] = recipe_minutes(recipe, results)
+    model = AmoebaForCausalLM.from_pretrained(folder).eval()
+    picked = pick_shapes(model, dev_ids, entry, save)
+    shapes = [tuple(s) for s in picked.values()]
+    if recipe == DENSE_ROW:
+        shapes.insert(0, tuple(model.shape_space.full_shape))
+    rows = entry.setdefault("shapes", {})
+    for depth, width in shapes:
+        row = rows.setdefault(shape_key(depth, width), parameter_entry(model, depth, width))
+        if "dev_ppl" not in row:
+            row["dev_ppl"] = dev_perplexity(model, dev_ids, depth, width)
+            save()
+    if args.protocol == "full":
+        settings = EvalSettings(data_dir=str(args.data_dir), limit=200, seed=1234, ppl_window=512, ppl_tokens=32768)
+        scores = evaluate_shapes(model, tokenizer, shapes, ["wikitext2", *ZERO_SHOT], settings,
+                                 model_name=str(folder), out=args.work / f"eval_{recipe}.json")
+        for key, scored in scores["shapes"].items():
+            tasks = scored["tasks"]
+            rows[key]["wikitext2_ppl"] = tasks["wikitext2"]["ppl"]
+            rows[key].update({task: tasks[task]["acc_norm"] for task in ZERO_SHOT})
+            rows[key]["zero_shot_mean"] = sum(tasks[t]["acc_norm"] for t in ZERO_SHOT) / len(ZERO_SHOT)
+            rows[key]["above_chance"] = sum(tasks[t]["acc_norm"] - CHANCE[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
+        save()
+
+
+def format_table(results: dict) -> str:
+    lines = ["| recipe | minutes | shape | total / body params | dev ppl | WikiText-2 ppl | ARC-E | HellaSwag | PIQA |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for recipe, entry in results["recipes"].items():
+        for key, row in entry.get("shapes", {}).items():
+            cells = [f"{row[m]:.2f}" if m in row else "–" for m in ("dev_ppl", "wikitext2_ppl")]
+            cells += [f"{row[t]:.3f}" if t in row else "–" for t in ZERO_SHOT]
+            lines.append(f"| {recipe} | {entry['minutes']:.1f} | {key} | {row['total_ratio']:.1%} / "
+                         f"{row['body_ratio']:.1%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    metric = "wikitext2_ppl" if results["protocol"] == "full" else "dev_ppl"
+    with png_figure(path) as (_, (axis,)):
+        for recipe, entry in results["recipes"].items():
+            rows = sorted((r["total_ratio"], r[metric]) for r in entry.get("shapes", {}).values() if metric in r)
+            if rows:
+                axis.plot(*zip(*rows), marker="o", label=recipe)
+        axis.set_yscale("log")
+        axis.set_xlabel("total parameters kept")
+        axis.set_ylabel("WikiText-2 perplexity" if metric == "wikitext2_ppl" else "dev perplexity (Wikipedia)")
+        axis.legend(fontsize=7)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default=",".join(RECIPES), help=f"comma list of {', '.join(RECIPES)}")
+    parser.add_argument("--protocol", choices=("dev", "full"), default="full")
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent.parent / "shared" / "data")
+    parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "quality")
+    parser.add_argument("--dev-tokens", type=int, default=4096, help="development-set tokens scored per shape")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/shape_quality[_dev].json")
+    args = parser.parse_args()
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in RECIPES]
+    if unknown:
+        parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
+    out = args.out or ROOT / "results" / ("shape_quality.json" if args.protocol == "full" else "shape_quality_dev.json")
+    args.work.mkdir(parents=True, exist_ok=True)
+    results = json.loads(out.read_text()) if out.is_file() else {"protocol": args.protocol, "recipes": {}}
+    results["steps"] = {**json.loads((args.work / "steps.json").read_text()), **results.get("steps", {})} \
+        if (args.work / "steps.json").is_file() else results.get("steps", {})
+
+    def save() -> None:
+        write_text_atomically(out, json.dumps(results, indent=2) + "\n")
+        write_text_atomically(args.work / "steps.json", json.dumps(results["steps"], indent=2) + "\n")
+
+    torch.set_num_threads(2)
+    for recipe in recipes:
+        for step in (CONVERT, *RECIPES[recipe]) if RECIPES[recipe][0].source else RECIPES[recipe]:
+            run_step(step, args.work, args.data_dir, results, save)
+    tokenizer = AutoTokenizer.from_pretrained(args.work / "base")
+    dev_text = (args.data_dir / DEV_TEXT).read_text(encoding="utf-8")
+    dev_ids = torch.tensor(tokenizer(dev_text, add_special_tokens=False)["input_ids"][: args.dev_tokens])
+    for recipe in recipes:
+        evaluate_recipe(recipe, args, results, save, tokenizer, dev_ids)
+    plot(results, out.with_suffix(".png"))
+    print(format_table(results))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
