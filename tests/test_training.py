@@ -374,6 +374,22 @@ def test_base_teacher_checkpoint_keeps_its_full_shape_equal_to_the_source_llama(
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
+def test_training_a_trained_checkpoint_again_keeps_the_base_frozen(tmp_path, tiny_checkpoint):
+    """A reloaded checkpoint has every parameter trainable; a second `amoeba train` must still train only the experts
+    (it used to refuse `--teacher base`, and with `--teacher largest` would have trained the base weights)."""
+    data = write_instructions(tmp_path / "data.json")
+    recipe = ["--steps", "2", "--batch-size", "2", "--grad-accum", "1", "--experts", "3", "--rank", "4", "--lr", "1e-2",
+              "--teacher", "base"]
+    assert main(["train", str(tiny_checkpoint), "--data", str(data), "--out", str(tmp_path / "first"), *recipe]) == 0
+    assert main(["train", str(tmp_path / "first"), "--data", str(data), "--out", str(tmp_path / "second"),
+                 *recipe]) == 0
+    first = AmoebaForCausalLM.from_pretrained(tmp_path / "first").state_dict()
+    second = AmoebaForCausalLM.from_pretrained(tmp_path / "second").state_dict()
+    source = tiny_source("llama").state_dict()
+    assert all(torch.equal(second[name], value) for name, value in source.items())
+    assert any(not torch.equal(first[name], second[name]) for name in first if "lora_" in name)
+
+
 def test_base_teacher_refuses_experts_on_the_full_shape_and_a_trainable_base(tmp_path):
     model = smol_model()
     assert not model.config.smol_exact_full_shape

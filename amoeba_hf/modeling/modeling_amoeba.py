@@ -691,6 +691,11 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         self.config.smol_exact_full_shape = exact_full_shape
         self.config.validate_architecture()
         self.model.add_experts()
+        return self.set_trainable(train_base)
+
+    def set_trainable(self, train_base: bool = False) -> "AmoebaForCausalLM":
+        """Make only the SMoL experts and the router trainable, or every weight with `train_base`. A reloaded
+        checkpoint comes back with every parameter trainable, so Stage 2 calls this before training it again."""
         for name, parameter in self.named_parameters():
             parameter.requires_grad = train_base or "lora_" in name or "shape_router" in name
         return self

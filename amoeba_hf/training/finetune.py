@@ -187,6 +187,8 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
         model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
                           alpha=settings.alpha, router_noise=settings.router_noise, train_base=settings.train_base,
                           exact_full_shape=settings.distill_teacher == "base")
+    elif model.config.smol_experts:
+        model.set_trainable(settings.train_base)
     args = settings.training_arguments(work_dir, **training_overrides)
     trainer = AmoebaTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
