@@ -79,6 +79,8 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "today": (TODAY,),
     "query_heads": (CALIBRATE_QH,),
     "query_heads_global": (CALIBRATE_QH_GLOBAL,),
+    "reconstruction": (CALIBRATE_BI, Step("recon", ("reconstruct", "--data", C4, "--samples", "8", "--steps", "16",
+                                                     "--batch-size", "2"), "cal_bi")),
     "kl_text": (CALIBRATE_BI, train("kl_text", "cal_bi", "--lr", "1e-3", "--steps", "30")),
 }
 LABELS = {
@@ -86,6 +88,7 @@ LABELS = {
     "today": "today's recipe (`amoeba build --preset quick`)",
     "query_heads": "lever 1: query heads inside KV groups (uniform widths), no recovery",
     "query_heads_global": "lever 1: query heads inside KV groups, global widths (FLAP), no recovery",
+    "reconstruction": "lever 2: local reconstruction (`amoeba reconstruct`, 8 C4 blocks, 16 steps per layer)",
     "kl_text": "lever 3: KL from the base on real text (C4 + Alpaca), lr 1e-3, 30 steps",
 }
 
@@ -115,8 +118,10 @@ def run_step(step: Step, work: Path, data_dir: Path, results: dict, save) -> Non
     save()
 
 
-def recipe_minutes(recipe: str, results: dict) -> float:
-    return sum(results["steps"][s.name]["minutes"] for s in RECIPES[recipe] if s.counted)
+def recipe_minutes(recipe: str, results: dict, key: str = "minutes") -> float | None:
+    """Wall-clock (or, with key="cpu_minutes", CPU) minutes of the recipe's counted steps; None if not recorded."""
+    steps = [results["steps"][s.name] for s in RECIPES[recipe] if s.counted]
+    return sum(step[key] for step in steps) if all(key in step for step in steps) else None
 
 
 def dev_perplexity(model, dev_ids: torch.Tensor, depth: int, width: float) -> float:
@@ -167,7 +172,10 @@ def parameter_entry(model, depth: int, width: float) -> dict:
 def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: torch.Tensor) -> None:
     folder = args.work / RECIPES[recipe][-1].name
     entry = results["recipes"].setdefault(recipe, {"label": LABELS[recipe], "checkpoint": str(folder)})
-    entry["minutes"] = recipe_minutes(recipe, results)
+    screened = args.dev_results.get("recipes", {}).get(recipe, {})
+    if "picked" not in entry and screened.get("checkpoint") == str(folder):
+        entry.update({key: screened[key] for key in ("picked", "dev_candidates", "shapes") if key in screened})
+    entry["minutes"], entry["cpu_minutes"] = recipe_minutes(recipe, results), recipe_minutes(recipe, results, "cpu_minutes")
     model = AmoebaForCausalLM.from_pretrained(folder).eval()
     picked = pick_shapes(model, dev_ids, entry, save)
     shapes = [tuple(s) for s in picked.values()]
@@ -181,11 +189,17 @@ def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: 
             save()
     if args.protocol == "full":
         settings = EvalSettings(data_dir=str(args.data_dir), limit=200, seed=1234, ppl_window=512, ppl_tokens=32768)
-        scores = evaluate_shapes(model, tokenizer, shapes, ["wikitext2", *ZERO_SHOT], settings,
-                                 model_name=str(folder), out=args.work / f"eval_{recipe}.json")
+        out = args.work / f"eval_{recipe}.json"
+        evaluate_shapes(model, tokenizer, shapes, ["wikitext2"], settings, model_name=str(folder), out=out)
+        zero_shot_shapes = [s for s in shapes if s == tuple(model.shape_space.full_shape)]
+        zero_shot_shapes += [tuple(picked[c]) for c in args.zero_shot_classes.split(",") if c]
+        scores = evaluate_shapes(model, tokenizer, zero_shot_shapes, list(ZERO_SHOT), settings,
+                                 model_name=str(folder), out=out)
         for key, scored in scores["shapes"].items():
             tasks = scored["tasks"]
             rows[key]["wikitext2_ppl"] = tasks["wikitext2"]["ppl"]
+            if not all(t in tasks for t in ZERO_SHOT):
+                continue
             rows[key].update({task: tasks[task]["acc_norm"] for task in ZERO_SHOT})
             rows[key]["zero_shot_mean"] = sum(tasks[t]["acc_norm"] for t in ZERO_SHOT) / len(ZERO_SHOT)
             rows[key]["above_chance"] = sum(tasks[t]["acc_norm"] - CHANCE[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
@@ -193,13 +207,14 @@ def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: 
 
 
 def format_table(results: dict) -> str:
-    lines = ["| recipe | minutes | shape | total / body params | dev ppl | WikiText-2 ppl | ARC-E | HellaSwag | PIQA |",
+    lines = ["| recipe | minutes (wall / CPU) | shape | total / body params | dev ppl | WikiText-2 ppl | ARC-E | HellaSwag | PIQA |",
              "|---|---|---|---|---|---|---|---|---|"]
     for recipe, entry in results["recipes"].items():
         for key, row in entry.get("shapes", {}).items():
             cells = [f"{row[m]:.2f}" if m in row else "–" for m in ("dev_ppl", "wikitext2_ppl")]
             cells += [f"{row[t]:.3f}" if t in row else "–" for t in ZERO_SHOT]
-            lines.append(f"| {recipe} | {entry['minutes']:.1f} | {key} | {row['total_ratio']:.1%} / "
+            cpu = "–" if entry.get("cpu_minutes") is None else f"{entry['cpu_minutes']:.1f}"
+            lines.append(f"| {recipe} | {entry['minutes']:.1f} / {cpu} | {key} | {row['total_ratio']:.1%} / "
                          f"{row['body_ratio']:.1%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -224,6 +239,8 @@ def main() -> None:
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent.parent / "shared" / "data")
     parser.add_argument("--work", type=Path, default=ROOT / ".cache" / "quality")
     parser.add_argument("--dev-tokens", type=int, default=4096, help="development-set tokens scored per shape")
+    parser.add_argument("--zero-shot-classes", default="80%",
+                        help="size classes scored zero-shot besides the dense model (comma list of 80%%,65%%,50%%)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/shape_quality[_dev].json")
     args = parser.parse_args()
     recipes = [r for r in args.recipes.split(",") if r]
@@ -232,6 +249,8 @@ def main() -> None:
         parser.error(f"unknown recipes {unknown}; choose from {', '.join(RECIPES)}")
     out = args.out or ROOT / "results" / ("shape_quality.json" if args.protocol == "full" else "shape_quality_dev.json")
     args.work.mkdir(parents=True, exist_ok=True)
+    dev_out = ROOT / "results" / "shape_quality_dev.json"
+    args.dev_results = json.loads(dev_out.read_text()) if args.protocol == "full" and dev_out.is_file() else {}
     results = json.loads(out.read_text()) if out.is_file() else {"protocol": args.protocol, "recipes": {}}
     results["steps"] = {**json.loads((args.work / "steps.json").read_text()), **results.get("steps", {})} \
         if (args.work / "steps.json").is_file() else results.get("steps", {})
