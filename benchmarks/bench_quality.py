@@ -21,6 +21,7 @@ Results are written after every measurement and skipped on a re-run, so an inter
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -82,6 +83,7 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "reconstruction": (CALIBRATE_BI, Step("recon", ("reconstruct", "--data", C4, "--samples", "8", "--steps", "16",
                                                      "--batch-size", "2"), "cal_bi")),
     "kl_text": (CALIBRATE_BI, train("kl_text", "cal_bi", "--lr", "1e-3", "--steps", "30")),
+    "kl_text_200": (CALIBRATE_BI, train("kl_text_200", "cal_bi", "--lr", "1e-3", "--steps", "200", "--save-steps", "50")),
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
@@ -90,6 +92,7 @@ LABELS = {
     "query_heads_global": "lever 1: query heads inside KV groups, global widths (FLAP), no recovery",
     "reconstruction": "lever 2: local reconstruction (`amoeba reconstruct`, 8 C4 blocks, 16 steps per layer)",
     "kl_text": "lever 3: KL from the base on real text (C4 + Alpaca), lr 1e-3, 30 steps",
+    "kl_text_200": "lever 3 with 200 steps",
 }
 
 
@@ -99,7 +102,7 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_step(step: Step, work: Path, data_dir: Path, results: dict, save) -> None:
+def run_step(step: Step, work: Path, data_dir: Path, results: dict, save, threads: int) -> None:
     """Run `step` unless its folder holds a finished checkpoint; record its minutes."""
     out = work / step.name
     timings = results.setdefault("steps", {})
@@ -112,7 +115,7 @@ def run_step(step: Step, work: Path, data_dir: Path, results: dict, save) -> Non
     command += [*args[1:], "--out", str(out)]
     print("$", " ".join(command[2:]), flush=True)
     start, cpu_start = time.perf_counter(), _children_cpu_seconds()
-    subprocess.run(command, check=True)
+    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     timings[step.name] = {"command": "amoeba " + " ".join(command[3:]), "minutes": (time.perf_counter() - start) / 60,
                           "cpu_minutes": (_children_cpu_seconds() - cpu_start) / 60}
     save()
@@ -241,6 +244,8 @@ def main() -> None:
     parser.add_argument("--dev-tokens", type=int, default=4096, help="development-set tokens scored per shape")
     parser.add_argument("--zero-shot-classes", default="80%",
                         help="size classes scored zero-shot besides the dense model (comma list of 80%%,65%%,50%%)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="threads of this process and of its steps (1 each when two jobs share 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/shape_quality[_dev].json")
     args = parser.parse_args()
     recipes = [r for r in args.recipes.split(",") if r]
@@ -256,13 +261,17 @@ def main() -> None:
         if (args.work / "steps.json").is_file() else results.get("steps", {})
 
     def save() -> None:
+        """Write the results, merging the step timings another run of the script recorded meanwhile."""
+        steps_file = args.work / "steps.json"
+        on_disk = json.loads(steps_file.read_text()) if steps_file.is_file() else {}
+        results["steps"] = {**on_disk, **results["steps"]}
         write_text_atomically(out, json.dumps(results, indent=2) + "\n")
         write_text_atomically(args.work / "steps.json", json.dumps(results["steps"], indent=2) + "\n")
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     for recipe in recipes:
         for step in (CONVERT, *RECIPES[recipe]) if RECIPES[recipe][0].source else RECIPES[recipe]:
-            run_step(step, args.work, args.data_dir, results, save)
+            run_step(step, args.work, args.data_dir, results, save, args.threads)
     tokenizer = AutoTokenizer.from_pretrained(args.work / "base")
     dev_text = (args.data_dir / DEV_TEXT).read_text(encoding="utf-8")
     dev_ids = torch.tensor(tokenizer(dev_text, add_special_tokens=False)["input_ids"][: args.dev_tokens])
