@@ -66,7 +66,7 @@ CALIBRATE_BI = Step("cal_bi", ("calibrate", "--data", C4, "--widths", WIDTHS, "-
                     "base")
 CALIBRATE_QH = Step("cal_qh", (*CALIBRATE_BI.args, "--attention-unit", "query_heads"), "base")
 CALIBRATE_QH_GLOBAL = Step("cal_qh_global", (*CALIBRATE_QH.args, "--width-mode", "global"), "base")
-TODAY = Step("build_quick", ("build", "--preset", "quick"), counted=True)
+FINAL = Step("final", ("build", "--preset", "standard", "--data", C4, ALPACA))
 
 
 def train(name: str, source: str, *extra: str) -> Step:
@@ -77,22 +77,22 @@ def train(name: str, source: str, *extra: str) -> Step:
 
 RECIPES: dict[str, tuple[Step, ...]] = {
     "no_recovery": (CALIBRATE_BI,),
-    "today": (TODAY,),
     "query_heads": (CALIBRATE_QH,),
     "query_heads_global": (CALIBRATE_QH_GLOBAL,),
     "reconstruction": (CALIBRATE_BI, Step("recon", ("reconstruct", "--data", C4, "--samples", "8", "--steps", "16",
                                                      "--batch-size", "2"), "cal_bi")),
     "kl_text": (CALIBRATE_BI, train("kl_text", "cal_bi", "--lr", "1e-3", "--steps", "30")),
-    "kl_text_200": (CALIBRATE_BI, train("kl_text_200", "cal_bi", "--lr", "1e-3", "--steps", "200", "--save-steps", "50")),
+    "kl_text_200": (CALIBRATE_BI, train("kl_text_200", "cal_bi", "--lr", "1e-3", "--steps", "200")),
+    "final": (FINAL,),
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
-    "today": "today's recipe (`amoeba build --preset quick`)",
     "query_heads": "lever 1: query heads inside KV groups (uniform widths), no recovery",
     "query_heads_global": "lever 1: query heads inside KV groups, global widths (FLAP), no recovery",
     "reconstruction": "lever 2: local reconstruction (`amoeba reconstruct`, 8 C4 blocks, 16 steps per layer)",
     "kl_text": "lever 3: KL from the base on real text (C4 + Alpaca), lr 1e-3, 30 steps",
     "kl_text_200": "lever 3 with 200 steps",
+    "final": "final recipe: `amoeba build --preset standard` (KL from the base on C4 + Alpaca, 700 steps, cosine lr)",
 }
 
 
@@ -118,6 +118,11 @@ def run_step(step: Step, work: Path, data_dir: Path, results: dict, save, thread
     subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     timings[step.name] = {"command": "amoeba " + " ".join(command[3:]), "minutes": (time.perf_counter() - start) / 60,
                           "cpu_minutes": (_children_cpu_seconds() - cpu_start) / 60}
+    if args[0] == "build":  # count its calibration and fine-tuning, not conversion, data or its own evaluations
+        seconds = json.loads((out / "build_report.json").read_text())["step_seconds"]
+        timings[step.name].update(build_minutes=timings[step.name]["minutes"],
+                                  minutes=(seconds["calibrate"] + seconds["train"]) / 60)
+        timings[step.name]["build_cpu_minutes"] = timings[step.name].pop("cpu_minutes")
     save()
 
 

@@ -21,7 +21,8 @@ from amoeba_hf.training.finetune import FinetuneSettings
 KNOWN_FLAGS = {
     "calibrate": "--data --out --score --mc-data --min-depth --widths --samples --seq-len --keep-last --keep-first "
                  "--depth-method --width-method --width-mode --attention-unit --no-bias-compensation --seed",
-    "train": "--data --out --steps --batch-size --grad-accum --lr --max-prompt-tokens --max-response-tokens --experts "
+    "train": "--data --out --steps --batch-size --grad-accum --lr --lr-schedule --max-prompt-tokens "
+             "--max-response-tokens --experts "
              "--top-k --rank --random-shapes --widths --no-distillation --teacher --no-balancing --no-router-noise "
              "--train-base --save-steps --seed",
     "eval": "--shapes --tasks --data-dir --out --limit --mmlu-limit --seed --ppl-window --ppl-stride --ppl-tokens "
@@ -114,26 +115,35 @@ def test_presets_are_the_stage_settings_of_the_documented_table():
     assert (quick.calibration.samples, quick.calibration.seq_len, quick.calibration.depth_method) == (
         8, 128, "block-influence")
     assert (standard.calibration.samples, standard.calibration.seq_len, standard.calibration.depth_method) == (
-        8, 128, "dp")
-    assert (quick.finetuning.steps, quick.finetuning.batch_size, quick.finetuning.grad_accum) == (40, 2, 1)
+        16, 256, "block-influence")
+    assert (quick.finetuning.steps, quick.finetuning.batch_size, quick.finetuning.grad_accum) == (150, 2, 1)
     assert (standard.finetuning.steps, standard.finetuning.grad_accum, standard.finetuning.max_response_tokens) == (
-        50, 2, 192)
-    assert not quick.finetuning.router_noise and not standard.finetuning.router_noise
-    assert quick.finetuning.experts == standard.finetuning.experts == 5
+        700, 1, 128)
+    for preset in (quick, standard):
+        finetuning = preset.finetuning
+        assert (finetuning.learning_rate, finetuning.lr_schedule, finetuning.distill_teacher) == (1e-3, "cosine", "base")
+        assert not finetuning.router_noise and finetuning.experts == 5
     assert (quick.generated_tokens, quick.eval_tokens, standard.generated_tokens, standard.eval_tokens) == (
         96, 2048, 192, 8192)
 
 
-def test_build_settings_apply_overrides_and_choose_the_teacher_by_the_data():
+def test_build_settings_apply_overrides_and_distil_from_the_base_on_any_data():
     generated = BuildSettings(preset="standard", steps=6, generated_tokens=8, min_depth=3, seed=4)
     assert generated.resolved_preset().generated_tokens == 8
     finetuning = generated.finetuning(["train.jsonl"])
-    assert finetuning == replace(PRESETS["standard"].finetuning, data=["train.jsonl"], steps=6, save_steps=2, seed=4,
-                                 distill_teacher="base")
+    assert finetuning == replace(PRESETS["standard"].finetuning, data=["train.jsonl"], steps=6, save_steps=2, seed=4)
     calibration = generated.calibration("train.jsonl")
     assert calibration == replace(PRESETS["standard"].calibration, data="train.jsonl", min_depth=3, seed=4)
-    assert BuildSettings(data=["a.json"]).finetuning(["a.json"]).distill_teacher == "largest"
-    assert PRESETS["standard"].finetuning.steps == 50, "overrides must not change the preset"
+    assert BuildSettings(data=["a.json"]).finetuning(["a.json"]).distill_teacher == "base"
+    assert BuildSettings(preset="standard").finetuning(["a.json"]).save_steps == 50
+    assert PRESETS["standard"].finetuning.steps == 700, "overrides must not change the preset"
+
+
+def test_learning_rate_schedule_reaches_the_trainer_and_is_checked(tmp_path):
+    arguments = FinetuneSettings(data=["a"], lr_schedule="cosine").training_arguments(tmp_path)
+    assert arguments.lr_scheduler_type == "cosine"
+    with pytest.raises(ValueError, match="lr_schedule must be one of .*'constant', 'linear', 'cosine'.*got 'step'"):
+        FinetuneSettings(data=["a"], lr_schedule="step").validate()
 
 
 @pytest.mark.parametrize("settings, message", [

@@ -38,9 +38,11 @@ BUILD_WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5)
 class BuildPreset:
     """Sizes of every step, for SmolLM2-135M on 2 CPU cores: `quick` fits 15 minutes, `standard` 90.
 
-    The stages' own settings, without what a build decides per run (data files, seed, minimum depth, teacher).
-    Router noise is off: on budgets of hundreds of steps it scatters each shape's updates over random experts
-    (benchmarks/bench_oneforall.py); the paper's noise is for ~10K steps (`amoeba train` keeps it on).
+    The stages' own settings, without what a build decides per run (data files, seed, minimum depth). Both distil
+    every shape from the frozen base model (KL on whatever text the build trains on), at lr 1e-3 decayed to 0, the
+    recipe that measured best on real text (docs/benchmarks.md, "Shape quality"). Router noise is off: on budgets
+    of hundreds of steps it scatters each shape's updates over random experts (benchmarks/bench_oneforall.py); the
+    paper's noise is for ~10K steps (`amoeba train` keeps it on).
     """
 
     generated_tokens: int
@@ -52,16 +54,17 @@ class BuildPreset:
 QUICK = BuildPreset(
     generated_tokens=96,
     calibration=CalibrationSettings(samples=8, seq_len=128, depth_method="block-influence", widths=list(BUILD_WIDTHS)),
-    finetuning=FinetuneSettings(steps=40, batch_size=2, grad_accum=1, max_prompt_tokens=160, max_response_tokens=96,
-                                router_noise=False),
+    finetuning=FinetuneSettings(steps=150, batch_size=2, grad_accum=1, learning_rate=1e-3, lr_schedule="cosine",
+                                max_prompt_tokens=160, max_response_tokens=96, router_noise=False,
+                                distill_teacher="base"),
     eval_tokens=2048,
 )
 PRESETS = {
     "quick": QUICK,
     "standard": BuildPreset(
         generated_tokens=192,
-        calibration=replace(QUICK.calibration, depth_method="dp"),
-        finetuning=replace(QUICK.finetuning, steps=50, grad_accum=2, max_prompt_tokens=256, max_response_tokens=192),
+        calibration=replace(QUICK.calibration, samples=16, seq_len=256),
+        finetuning=replace(QUICK.finetuning, steps=700, max_prompt_tokens=256, max_response_tokens=128),
         eval_tokens=8192,
     ),
 }
@@ -119,10 +122,10 @@ class BuildSettings:
         return replace(self.resolved_preset().calibration, data=data_file, min_depth=self.min_depth, seed=self.seed)
 
     def finetuning(self, train_files: list[str]) -> FinetuneSettings:
-        """Stage 2 of a build: distilled from the base model when it generated the data itself."""
+        """Stage 2 of a build on `train_files`, with a resumable checkpoint at least every 50 steps."""
         finetuning = self.resolved_preset().finetuning
-        return replace(finetuning, data=train_files, distill_teacher="largest" if self.data else "base",
-                       save_steps=max(1, math.ceil(finetuning.steps / 4)), seed=self.seed)
+        save_steps = max(1, min(50, math.ceil(finetuning.steps / 4)))
+        return replace(finetuning, data=train_files, save_steps=save_steps, seed=self.seed)
 
 
 def _fault(stage: str):

@@ -12,6 +12,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from .data import TEMPLATES, TEXT_FIELDS, instruction_dataset, load_instructions, load_records, text_dataset
 from .trainer import TEACHERS, AmoebaTrainer, AmoebaTrainingArguments
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
 
 @dataclass
 class FinetuneSettings:
@@ -28,7 +30,12 @@ class FinetuneSettings:
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=2, metadata={"help": "sequences per device and micro-batch"})
     grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "constant learning rate", "flag": "--lr"})
+    learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate", "flag": "--lr"})
+    lr_schedule: str = field(
+        default="constant",
+        metadata={"help": "learning rate over the steps: constant, or decayed to 0 (linear, cosine)",
+                  "choices": LR_SCHEDULES},
+    )
     max_prompt_tokens: int = field(default=256, metadata={"help": "instruction prompts keep their last N tokens"})
     max_response_tokens: int = field(default=128, metadata={"help": "answers keep their first N tokens"})
     experts: int = field(default=5, metadata={"help": "LoRA experts per linear; 1 = plain LoRA"})
@@ -91,6 +98,8 @@ class FinetuneSettings:
         for width in self.widths or ():
             if not 0.0 < width <= 1.0:
                 raise ValueError(f"width {width} is outside (0, 1]")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.template not in TEMPLATES:
             raise ValueError(f"unknown prompt template {self.template!r}; choose from {TEMPLATES}")
         if self.distill_teacher not in TEACHERS:
@@ -110,7 +119,7 @@ class FinetuneSettings:
             "per_device_train_batch_size": self.batch_size,
             "gradient_accumulation_steps": self.grad_accum,
             "learning_rate": self.learning_rate,
-            "lr_scheduler_type": "constant",
+            "lr_scheduler_type": self.lr_schedule,
             "max_grad_norm": self.max_grad_norm,
             "save_strategy": "steps",
             "save_steps": self.save_steps,
