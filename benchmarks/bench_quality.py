@@ -25,14 +25,16 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from amoeba_hf import AmoebaForCausalLM
+from amoeba_hf.deploy.gguf import write_gguf
 from amoeba_hf.evaluation.runner import EvalSettings, evaluate_shapes
 from amoeba_hf.evaluation.scoring import perplexity
 from amoeba_hf.modeling.checkpoint_files import write_text_atomically
@@ -47,6 +49,7 @@ CHANCE = {"arc_easy": 0.25, "hellaswag": 0.25, "piqa": 0.5}
 C4 = "{data}/calibration/c4_demo.jsonl"
 ALPACA = "{data}/finetune/alpaca_en_demo.json"
 DEV_TEXT = "calibration/wiki_demo.txt"
+PPL_TOKENS, PPL_WINDOW = 32768, 512  # issue 13's WikiText-2 protocol
 DENSE_ROW = "no_recovery"  # its full shape is the dense model; every recipe distils from the frozen base, whose
 # full shape stays the source model bit for bit, so the dense row is scored once
 
@@ -83,6 +86,8 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                                                      "--batch-size", "2"), "cal_bi")),
     "kl_text": (CALIBRATE_BI, train("kl_text", "cal_bi", "--lr", "1e-3", "--steps", "30")),
     "kl_text_200": (CALIBRATE_BI, train("kl_text_200", "cal_bi", "--lr", "1e-3", "--steps", "200")),
+    "kl_text_200_rank16": (CALIBRATE_BI, train("kl_text_200_rank16", "cal_bi", "--lr", "1e-3", "--steps", "200",
+                                               "--rank", "16")),
     "final": (FINAL,),
 }
 LABELS = {
@@ -92,6 +97,7 @@ LABELS = {
     "reconstruction": "lever 2: local reconstruction (`amoeba reconstruct`, 8 C4 blocks, 16 steps per layer)",
     "kl_text": "lever 3: KL from the base on real text (C4 + Alpaca), lr 1e-3, 30 steps",
     "kl_text_200": "lever 3 with 200 steps",
+    "kl_text_200_rank16": "lever 4 (capacity): lever 3 with 200 steps and experts of rank 16 instead of 8",
     "final": "final recipe: `amoeba build --preset standard` (KL from the base on C4 + Alpaca, 700 steps, cosine lr)",
 }
 
@@ -196,7 +202,8 @@ def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: 
             row["dev_ppl"] = dev_perplexity(model, dev_ids, depth, width)
             save()
     if args.protocol == "full":
-        settings = EvalSettings(data_dir=str(args.data_dir), limit=200, seed=1234, ppl_window=512, ppl_tokens=32768)
+        settings = EvalSettings(data_dir=str(args.data_dir), limit=200, seed=1234, ppl_window=PPL_WINDOW,
+                                ppl_tokens=PPL_TOKENS)
         out = args.work / f"eval_{recipe}.json"
         evaluate_shapes(model, tokenizer, shapes, ["wikitext2"], settings, model_name=str(folder), out=out)
         zero_shot_shapes = [s for s in shapes if s == tuple(model.shape_space.full_shape)]
@@ -212,6 +219,26 @@ def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: 
             rows[key]["zero_shot_mean"] = sum(tasks[t]["acc_norm"] for t in ZERO_SHOT) / len(ZERO_SHOT)
             rows[key]["above_chance"] = sum(tasks[t]["acc_norm"] - CHANCE[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
         save()
+
+
+def quantized_dense(args, results: dict, save, tokenizer) -> None:
+    """What a user would deploy instead of a shape: the dense model quantized the llama.cpp way (GGUF q8_0 and f16,
+    written by `write_gguf`, read back by transformers' GGUF loader), on the same WikiText-2 tokens."""
+    if "quantized_dense" in results:
+        return
+    model = AmoebaForCausalLM.from_pretrained(args.work / "base").eval()
+    dense = model.export_subnet(*model.shape_space.full_shape).eval()
+    text = (args.data_dir / "wikitext2" / "wiki.test.raw").read_text(encoding="utf-8")
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"][:PPL_TOKENS])
+    rows = {}
+    with tempfile.TemporaryDirectory() as folder:
+        for dtype in ("f16", "q8_0"):
+            path = write_gguf(dense, tokenizer, Path(folder) / f"dense-{dtype}.gguf", dtype=dtype)
+            reloaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=path.name, dtype=torch.float32).eval()
+            rows[dtype] = {"wikitext2_ppl": perplexity(reloaded, ids, window=PPL_WINDOW)["ppl"],
+                           "megabytes": path.stat().st_size / 1e6}
+    results["quantized_dense"] = rows
+    save()
 
 
 def format_table(results: dict) -> str:
@@ -252,6 +279,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="threads of this process and of its steps (1 each when two jobs share 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/shape_quality[_dev].json")
+    parser.add_argument("--quantized-dense", action="store_true",
+                        help="full protocol: also score the dense model as GGUF q8_0 / f16, the alternative to a shape")
     args = parser.parse_args()
     recipes = [r for r in args.recipes.split(",") if r]
     unknown = [r for r in recipes if r not in RECIPES]
@@ -282,6 +311,8 @@ def main() -> None:
     dev_ids = torch.tensor(tokenizer(dev_text, add_special_tokens=False)["input_ids"][: args.dev_tokens])
     for recipe in recipes:
         evaluate_recipe(recipe, args, results, save, tokenizer, dev_ids)
+    if args.quantized_dense and args.protocol == "full":
+        quantized_dense(args, results, save, tokenizer)
     plot(results, out.with_suffix(".png"))
     print(format_table(results))
     print(f"wrote {out} and {out.with_suffix('.png')}")
