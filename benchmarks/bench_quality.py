@@ -88,6 +88,8 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "kl_text_200": (CALIBRATE_BI, train("kl_text_200", "cal_bi", "--lr", "1e-3", "--steps", "200")),
     "kl_text_200_rank16": (CALIBRATE_BI, train("kl_text_200_rank16", "cal_bi", "--lr", "1e-3", "--steps", "200",
                                                "--rank", "16")),
+    "query_heads_global_kl_200": (CALIBRATE_QH_GLOBAL, train("query_heads_global_kl_200", "cal_qh_global", "--lr", "1e-3",
+                                                             "--steps", "200")),
     "final": (FINAL,),
 }
 LABELS = {
@@ -98,6 +100,7 @@ LABELS = {
     "kl_text": "lever 3: KL from the base on real text (C4 + Alpaca), lr 1e-3, 30 steps",
     "kl_text_200": "lever 3 with 200 steps",
     "kl_text_200_rank16": "lever 4 (capacity): lever 3 with 200 steps and experts of rank 16 instead of 8",
+    "query_heads_global_kl_200": "levers 1 + 3: query-head widths (global), then lever 3 with 200 steps",
     "final": "final recipe: `amoeba build --preset standard` (KL from the base on C4 + Alpaca, 700 steps, cosine lr)",
 }
 
