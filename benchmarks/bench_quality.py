@@ -56,15 +56,15 @@ DENSE_ROW = "no_recovery"  # its full shape is the dense model; every recipe dis
 
 @dataclass(frozen=True)
 class Step:
-    """One `amoeba` command that writes the folder `name` from the folder `source` (None: the converted base)."""
+    """One `amoeba` command that writes the folder `name` from the folder `source` (None: `convert` and `build`,
+    which start from the embedded model)."""
 
     name: str
     args: tuple[str, ...]
     source: str | None = None
-    counted: bool = True
 
 
-CONVERT = Step("base", ("convert",), counted=False)
+CONVERT = Step("base", ("convert",))  # shared by the recipes, not counted in their minutes
 CALIBRATE_BI = Step("cal_bi", ("calibrate", "--data", C4, "--widths", WIDTHS, "--depth-method", "block-influence"),
                     "base")
 CALIBRATE_QH = Step("cal_qh", (*CALIBRATE_BI.args, "--attention-unit", "query_heads"), "base")
@@ -136,8 +136,8 @@ def run_step(step: Step, work: Path, data_dir: Path, results: dict, save, thread
 
 
 def recipe_minutes(recipe: str, results: dict, key: str = "minutes") -> float | None:
-    """Wall-clock (or, with key="cpu_minutes", CPU) minutes of the recipe's counted steps; None if not recorded."""
-    steps = [results["steps"][s.name] for s in RECIPES[recipe] if s.counted]
+    """Wall-clock (or, with key="cpu_minutes", CPU) minutes of the recipe's steps; None if not recorded."""
+    steps = [results["steps"][s.name] for s in RECIPES[recipe]]
     return sum(step[key] for step in steps) if all(key in step for step in steps) else None
 
 
