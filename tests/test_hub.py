@@ -239,6 +239,7 @@ def test_cli_push_uploads_the_folder_as_is_and_export_push_publishes_a_plain_sub
     result = amoeba_cli(["push", str(local), "tester/cli-amoeba", "--private"], tmp_path, env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "pushed" in result.stdout and f"{local_hub.url}/tester/cli-amoeba" in result.stdout
+    assert "  model.safetensors (" in result.stdout.split("pushed")[0]
     assert local_hub.repos["tester/cli-amoeba"].private
     pushed = local_hub.files("tester/cli-amoeba")
     assert {name: content for name, content in pushed.items() if name not in (".gitattributes", "README.md")} == {
@@ -299,6 +300,125 @@ def test_failed_push_is_one_clear_line_and_changes_nothing(local_hub, tmp_path, 
         assert set(local_hub.files("tester/tiny-amoeba")) == {".gitattributes"}
     else:
         assert "tester/tiny-amoeba" not in local_hub.repos
+
+
+def assert_refused_and_nothing_sent(result: subprocess.CompletedProcess, hub: LocalHub, message: str) -> None:
+    """One error line, no repo created and not one request made: the refusal came before any contact with the Hub."""
+    assert result.returncode == 2, result.stdout[-3000:]
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("amoeba push: error: ") and message in line, line
+    assert hub.repos == {} and hub.requests == []
+
+
+@pytest.mark.parametrize("link", ["notes.txt", "assets"], ids=["file-link", "folder-link"])
+def test_push_refuses_a_symbolic_link_out_of_the_folder_and_sends_nothing(local_hub, tmp_path, link):
+    local = tmp_path / "local"
+    save_checkpoint(local)
+    (tmp_path / "private").mkdir()
+    (tmp_path / "private" / "key.txt").write_text("SECRET-PASSWORD-1234")
+    target = tmp_path / "private" / ("key.txt" if link == "notes.txt" else "")
+    (local / link).symlink_to(target)
+
+    result = amoeba_cli(["push", str(local), "tester/leak"], tmp_path, hub_env(local_hub, tmp_path))
+
+    assert_refused_and_nothing_sent(
+        result, local_hub,
+        f"{local / link} is a symbolic link to {target.resolve()} outside the folder; copy the file in or remove the "
+        "link",
+    )
+    assert "SECRET" not in result.stdout
+
+
+def flip_last_weight_byte(folder: Path) -> None:
+    """One flipped bit in the tensor data: the file keeps its size and header, only the recorded sha256 tells."""
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-1] ^= 0x01
+    (folder / "model.safetensors").write_bytes(bytes(data))
+
+
+def add_a_layer_to_the_config(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("flipped-byte", "model.safetensors of {local} is corrupt or truncated: its sha256 differs from the one "
+                         "recorded"),
+        ("gpt2", "{local} holds no model amoeba can publish (config.json has model_type 'gpt2'); valid: an any-shape "
+                 "checkpoint (model_type 'amoeba') or a plain subnet (llama, mistral, qwen2)"),
+        ("config-edited", "the weights of {local} do not match its config.json: 9 weights the config expects are "
+                          "missing from the checkpoint (model.layers.4."),
+        ("fifo", "{local}/queue is a named pipe (FIFO), not a regular file; remove it from the folder"),
+    ],
+    ids=["flipped-byte", "gpt2", "config-edited", "fifo"],
+)
+def test_push_refuses_a_folder_a_loader_would_not_accept_and_sends_nothing(local_hub, tmp_path, kind, message):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    local = tmp_path / "local"
+    if kind == "gpt2":
+        GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=50)).save_pretrained(local)
+    elif kind == "config-edited":
+        save_checkpoint(tmp_path / "any-shape").export_subnet(4, 0.75).save_pretrained(local)
+        add_a_layer_to_the_config(local)
+    elif kind == "flipped-byte":
+        save_checkpoint(local)
+        flip_last_weight_byte(local)
+    else:
+        save_checkpoint(local)
+        os.mkfifo(local / "queue")
+
+    result = amoeba_cli(["push", str(local), "tester/refused"], tmp_path, hub_env(local_hub, tmp_path))
+
+    assert_refused_and_nothing_sent(result, local_hub, message.format(local=local))
+
+
+def test_push_dry_run_lists_the_checked_files_and_creates_nothing(local_hub, tmp_path):
+    local = tmp_path / "local"
+    save_checkpoint(local)
+    (local / ".amoeba_cache").mkdir()
+    (local / ".amoeba_cache" / "profile.json").write_text("{}")
+    env = hub_env(local_hub, tmp_path, token=None)
+
+    result = amoeba_cli(["push", str(local), "tester/dry", "--dry-run"], tmp_path, env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    listed = [line.split(" (")[0].strip() for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert listed == sorted(path.name for path in local.iterdir() if path.is_file())
+    assert result.stdout.splitlines()[0].startswith(f"would upload {len(listed)} files (")
+    assert "no repo was created and nothing was uploaded" in result.stdout
+
+    result = amoeba_cli(
+        ["export", str(local), "--depth", "4", "--width", "0.75", "--push", "tester/dry-subnet", "--dry-run"],
+        tmp_path, env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {"  config.json", "  model.safetensors", "  tokenizer.json"} <= {
+        line.split(" (")[0] for line in result.stdout.splitlines()
+    }
+    assert "no repo was created" in result.stdout and "exported" not in result.stdout
+    assert local_hub.repos == {} and local_hub.requests == []
+
+
+def test_checked_upload_list_is_the_folders_own_regular_files(tmp_path, monkeypatch):
+    """Hidden files (links among them) stay local and unchecked; a link inside the folder is refused too, and the
+    Python API refuses before it would contact the Hub."""
+    from amoeba_hf import hub
+
+    local = tmp_path / "local"
+    save_checkpoint(local)
+    expected = sorted(path.name for path in local.iterdir())
+    (local / ".venv").mkdir()
+    (local / ".venv" / "python").symlink_to(sys.executable)
+    (local / ".token").symlink_to(tmp_path)
+    assert [path.relative_to(local).as_posix() for path in hub.check_push_folder(local)] == expected
+
+    (local / "copy.json").symlink_to(local / "config.json")
+    monkeypatch.setattr(hub, "HfApi", lambda **kwargs: pytest.fail("the Hub was contacted"))
+    with pytest.raises(hub.PushRefusedError, match=r"copy\.json is a symbolic link to .*config\.json, and the Hub"):
+        hub.push_folder(local, "tester/linked", token="hf_unused")
 
 
 def test_card_lists_every_shape_and_the_stored_evaluation(tmp_path):
