@@ -133,9 +133,8 @@ def test_bias_compensation_keeps_the_mean_output_of_a_pruned_layer(tmp_path):
             keep = linear.in_features // 2 if kind == "mlp" else linear.in_features // 3
             linear.set_active(active_in=keep)
             pruned_mean = linear(dense_inputs[:, :keep]).mean(0)
-            linear.set_active(active_in=keep)
-            linear.compensation = None
-            uncompensated = linear(dense_inputs[:, :keep]).mean(0)
+            uncompensated = torch.nn.functional.linear(dense_inputs[:, :keep], linear.weight[:, :keep], linear.bias)
+            uncompensated = uncompensated.mean(0)
             linear.set_active()
         assert (pruned_mean - dense_mean).abs().max().item() <= 1e-4
         assert (uncompensated - dense_mean).abs().max().item() > 1e-3

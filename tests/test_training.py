@@ -195,14 +195,17 @@ def run_worker(*args: str, timeout: int = 300) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-def test_two_process_ddp_ends_with_the_parameters_of_one_process(tmp_path):
-    """Same global batch (4 x 2 accumulation, sequential order), 3 SGD steps with clipping and router noise.
+@pytest.mark.parametrize("engine, port", [("ddp", "29531"), ("fsdp", "29532")])
+def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, engine, port):
+    """Same global batch (4 x 2 accumulation, sequential order), 3 SGD steps with clipping and router noise, with
+    DDP and with FSDP2 (every decoder layer sharded over the 2 processes).
 
-    Holds only if balancing uses the losses of the whole micro-batch (summed over processes), and if parameters used
-    by an earlier shape of the sandwich, under `no_sync`, but not by the last one, are still reduced.
+    Holds only if balancing uses the losses of the whole micro-batch (summed over processes), if parameters used
+    by an earlier shape of the sandwich, under `no_sync`, but not by the last one, are still reduced, and (FSDP) if
+    bias compensation is computed on the gathered weights inside forward.
     """
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
-    run_worker(*torchrun, "training_worker.py", "ddp", str(tmp_path / "ddp.pt"))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
+    run_worker(*torchrun, "training_worker.py", engine, str(tmp_path / "ddp.pt"))
     run_ddp(str(tmp_path / "single.pt"))
     rank0, rank1 = torch.load(tmp_path / "ddp.rank0.pt"), torch.load(tmp_path / "ddp.rank1.pt")
     single = torch.load(tmp_path / "single.rank0.pt")

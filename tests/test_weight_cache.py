@@ -131,6 +131,8 @@ def test_in_place_edits_and_new_gates_rebuild_the_cache(mode):
     model.set_shape(4, 0.5)
     logits(model)
     layer = model.model.active_layers[1]
+    # merged, W + s*B@A is rounded once more in float32; lora_A + 0.5 makes s*B@A large next to W
+    tolerance = TOLERANCE if mode == "strided" else 5 * TOLERANCE
     edits = [
         lambda m: m.model.active_layers[1].mlp.down_proj.weight.add_(1.0),
         lambda m: m.model.active_layers[1].self_attn.o_proj.weight.mul_(-1.0),
@@ -142,7 +144,7 @@ def test_in_place_edits_and_new_gates_rebuild_the_cache(mode):
         with torch.no_grad():
             edit(model)
         reference = uncached(model)
-        assert (logits(model) - logits(reference, forwards=1)).abs().max().item() <= TOLERANCE
+        assert (logits(model) - logits(reference, forwards=1)).abs().max().item() <= tolerance
     before = logits(model)
     with torch.no_grad():
         layer.mlp.down_proj.weight.zero_()

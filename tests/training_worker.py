@@ -1,6 +1,7 @@
 """Subprocess side of test_training.py: a DDP run under torchrun, and a `finetune()` run that can be killed.
 
     torchrun --nproc_per_node 2 training_worker.py ddp RESULT.pt      (or plain python for the 1-process run)
+    torchrun --nproc_per_node 2 training_worker.py fsdp RESULT.pt     (FSDP2, full shard, through the Trainer)
     python training_worker.py finetune WORK_DIR DATA.json RESULT.pt [PAUSE_STEP]
 
 Both run on one thread per process (several processes share the CPU) and save their final weights to RESULT.pt.
@@ -21,6 +22,16 @@ from amoeba_hf.training.trainer import AmoebaTrainer, AmoebaTrainingArguments
 
 DDP_GLOBAL_BATCH = 4
 DDP_STEPS = 3
+FSDP_ARGUMENTS = {
+    "fsdp": "full_shard auto_wrap",
+    "fsdp_config": {"fsdp_version": 2, "transformer_layer_cls_to_wrap": ["AmoebaDecoderLayer"]},
+}
+
+
+def gathered(parameter: torch.Tensor) -> torch.Tensor:
+    """A parameter's whole value: FSDP2 holds a shard of it (a DTensor) on each process."""
+    value = parameter.detach()
+    return (value.full_tensor() if hasattr(value, "full_tensor") else value).clone()
 
 
 def ddp_rows() -> list[dict[str, list[int]]]:
@@ -35,9 +46,16 @@ def ddp_rows() -> list[dict[str, list[int]]]:
 
 
 def smol_model() -> AmoebaForCausalLM:
-    """Tiny any-shape model with SMoL experts whose B matrices are non-zero, so every LoRA parameter learns at once."""
-    model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3).enable_smol(experts=3, top_k=2, rank=4)
+    """Tiny any-shape model with SMoL experts whose B matrices are non-zero, so every LoRA parameter learns at once,
+    and bias compensation (input means in place of calibration), which FSDP must compute on whole weights."""
+    model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
     generator = torch.Generator().manual_seed(1)
+    layers = model.model.layers
+    means = [(torch.randn(layer.self_attn.o_proj.in_features, generator=generator),
+              torch.randn(layer.mlp.down_proj.in_features, generator=generator)) for layer in layers]
+    model.model.permute_widths([torch.arange(layer.self_attn.k_proj.out_features // 16) for layer in layers],
+                               [torch.arange(layer.mlp.down_proj.in_features) for layer in layers], input_means=means)
+    model.enable_smol(experts=3, top_k=2, rank=4)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -45,8 +63,9 @@ def smol_model() -> AmoebaForCausalLM:
     return model
 
 
-def run_ddp(result_path: str) -> None:
-    """3 SGD steps, global batch 4 x 2 accumulation, whatever the process count; saves weights and the shapes used."""
+def run_ddp(result_path: str, engine: str = "ddp") -> None:
+    """3 SGD steps, global batch 4 x 2 accumulation, whatever the process count; saves weights and the shapes used.
+    `engine="fsdp"` shards every decoder layer with FSDP2 (weights gathered back for the comparison)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model = smol_model()
     tokenizer = tiny_tokenizer()
@@ -66,6 +85,7 @@ def run_ddp(result_path: str) -> None:
         disable_tqdm=True,
         ddp_backend="gloo" if world_size > 1 else None,
         use_cpu=True,
+        **FSDP_ARGUMENTS if engine == "fsdp" else {},
     )
     trainer = AmoebaTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(ddp_rows()), processing_class=tokenizer,
@@ -82,7 +102,7 @@ def run_ddp(result_path: str) -> None:
     trainer.sample_shapes = recording_sample_shapes
     trainer.train()
     rank = trainer.args.process_index
-    weights = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    weights = {name: gathered(p) for name, p in model.named_parameters() if p.requires_grad}
     torch.save({"weights": weights, "shapes": shapes}, result_path.replace(".pt", f".rank{rank}.pt"))
 
 
@@ -110,7 +130,7 @@ def run_finetune(work_dir: str, data: str, result_path: str, pause_step: int | N
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[1] == "ddp":
-        run_ddp(sys.argv[2])
+    if sys.argv[1] in ("ddp", "fsdp"):
+        run_ddp(sys.argv[2], sys.argv[1])
     else:
         run_finetune(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else None)

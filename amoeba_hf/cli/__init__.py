@@ -60,10 +60,11 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
     """One flag per field of a settings dataclass, so that flags, help, choices and defaults have one source.
 
     A field's metadata may hold `help`, `choices`, `flag` (the flag's name when it is not `--field-name`),
-    `required`, `nargs="+"` (a list given as separate words) and `cli=False` (a setting only Python sets). Other
-    list and tuple fields are typed as comma-separated text (parsed by `settings_from_args`); a bool that is True
-    by default becomes `--no-NAME`, one that is False `--NAME` (their help says what the flag does). The default is
-    the field's, shown in the help.
+    `required`, `nargs="+"` (a list given as separate words), `aliases` (more flags, e.g. the TrainingArguments name)
+    and `cli=False` (a setting only Python sets). Other list and tuple fields are typed as comma-separated text
+    (parsed by `settings_from_args`); a bool that is True by default becomes `--no-NAME`, one that is False
+    `--NAME` (their help says what the flag does), one that is None (decided at run time) `--NAME/--no-NAME`. The
+    default is the field's, shown in the help.
     transformers' HfArgumentParser is not used: it spells lists as space-separated words and lists both the
     underscore and dash spellings of every flag, which would change the documented command line.
     """
@@ -77,7 +78,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
         help_text = item.metadata.get("help")
         if kind is bool:
             action = "store_false" if default else "store_true"
-            parser.add_argument(flag, dest=item.name, action=action, help=help_text)
+            if default is None:
+                action = argparse.BooleanOptionalAction
+            parser.add_argument(flag, *item.metadata.get("aliases", ()), dest=item.name, action=action, help=help_text)
             continue
         required = item.metadata.get("required", False)
         if help_text is not None and not required and default not in (None, [], ()):
@@ -93,7 +96,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser, settings_class: type
                 options["nargs"] = item.metadata["nargs"]
         else:
             options["type"] = kind
-        parser.add_argument(flag, **options)
+        parser.add_argument(flag, *item.metadata.get("aliases", ()), **options)
 
 
 def settings_from_args(settings_class: type, args: argparse.Namespace, **values):
@@ -143,12 +146,12 @@ def _parse_list(text: str, element: type, flag: str) -> list:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import deploy, evaluate, pipeline, shapes, stages
+    from . import deploy, evaluate, pipeline, plan, shapes, stages
 
     parser = argparse.ArgumentParser(prog="amoeba", description="Any-shape LLMs for Hugging Face Transformers.")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks and library logs")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (pipeline, stages, shapes, evaluate, deploy):
+    for module in (pipeline, stages, shapes, evaluate, deploy, plan):
         module.register(commands)
     return parser
 

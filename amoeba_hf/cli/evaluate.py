@@ -3,6 +3,7 @@
 import argparse
 
 from ..evaluation.runner import EvalSettings
+from ..placement import LoadSettings
 from . import UserError, add_command, add_settings_arguments, load_checkpoint, settings_from_args
 
 
@@ -24,6 +25,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True,
                         help="results JSON (resumed if it exists); .csv and .png are written beside it")
     add_settings_arguments(parser, EvalSettings)
+    add_settings_arguments(parser, LoadSettings)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per forward pass (default: 8)")
 
 
@@ -41,7 +43,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     out = Path(args.out)
-    model = load_checkpoint(args.model_dir).eval()
+    model = load_checkpoint(args.model_dir, **settings_from_args(LoadSettings, args).from_pretrained_kwargs()).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     shapes = parse_shapes(args.shapes, model.shape_space)
     results = evaluate_shapes(model, tokenizer, shapes, args.tasks.split(","), settings, model_name=args.model_dir,

@@ -4,6 +4,8 @@ import argparse
 
 from ..io import ensure_free_output_dir, save_checkpoint
 from ..pipeline.build import BuildSettings
+from ..placement import LoadSettings
+from ..training.finetune import TrainerSettings
 from . import add_command, add_settings_arguments, settings_from_args
 
 
@@ -22,12 +24,17 @@ def _register_build(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", required=True, help="new folder for the checkpoint; re-run to resume")
     add_settings_arguments(parser, BuildSettings)
+    add_settings_arguments(parser, TrainerSettings)
+    add_settings_arguments(parser, LoadSettings)
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
     from ..pipeline.build import build, format_report
 
-    report = build(settings_from_args(BuildSettings, args), args.out)
+    report = build(settings_from_args(BuildSettings, args), args.out,
+                   load=settings_from_args(LoadSettings, args), trainer_settings=settings_from_args(TrainerSettings, args))
+    if report is None:
+        return
     print(format_report(report))
     print(f"checkpoint: {args.out} (frontier plot: {args.out}/frontier.png, log: {args.out}/build.log); "
           f"total {report['seconds'] / 60:.1f} min")
@@ -44,13 +51,15 @@ def _register_convert(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="new folder for the checkpoint")
     parser.add_argument("--min-depth", type=int, default=None, help="smallest depth (default: half the layers)")
     parser.add_argument("--min-width", type=float, default=0.5, help="smallest width (default: 0.5)")
+    add_settings_arguments(parser, LoadSettings)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from ..pipeline.sources import convert_source, load_tokenizer
 
     ensure_free_output_dir(args.out)
-    model = convert_source(args.model, min_depth=args.min_depth, min_width=args.min_width)
+    model = convert_source(args.model, settings_from_args(LoadSettings, args), min_depth=args.min_depth,
+                           min_width=args.min_width)
     tokenizer = load_tokenizer(args.model)
     save_checkpoint(model, tokenizer, args.out)
     print(f"saved any-shape checkpoint to {args.out} ({model.num_parameters():,} parameters, "

@@ -6,7 +6,8 @@ from pathlib import Path
 
 from ..deploy.gguf import GGUF_DTYPES, write_gguf
 from ..io import ensure_free_output_dir, save_checkpoint
-from . import UserError, add_command, load_checkpoint
+from ..placement import LoadSettings, input_device
+from . import UserError, add_command, add_settings_arguments, load_checkpoint, settings_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -25,6 +26,8 @@ def _add_hub_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo as private (ignored if it exists)")
     parser.add_argument("--revision", default=None, help="branch to push to, created from main if missing")
     parser.add_argument("--exist-ok", action="store_true", help="allow a new commit to a repo that already exists")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="check the folder and list the files a push would upload, then stop: nothing is sent")
 
 
 def _register_shapes(commands: argparse._SubParsersAction) -> None:
@@ -56,6 +59,7 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
                         help="the user message (sent through the tokenizer's chat template, if it has one)")
     parser.add_argument("--raw", action="store_true", help="feed the prompt as it is, without the chat template")
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    add_settings_arguments(parser, LoadSettings)
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
@@ -67,7 +71,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
         raise UserError("--prompt is empty; give the text to answer or continue")
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model = load_checkpoint(args.model_dir).eval()
+    model = load_checkpoint(args.model_dir, **settings_from_args(LoadSettings, args).from_pretrained_kwargs()).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     model.set_shape(args.depth, args.width)
     if tokenizer.chat_template and not args.raw:
@@ -83,6 +87,7 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             f"the tokenizer of {args.model_dir} produced token id {largest}, outside the model's vocabulary "
             f"(vocab_size {model.config.vocab_size}); the tokenizer does not belong to the model"
         )
+    inputs = inputs.to(input_device(model))
     started = time.perf_counter()
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     seconds = time.perf_counter() - started
@@ -115,8 +120,8 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
-    if args.push is None and (args.private or args.revision or args.exist_ok):
-        raise UserError("--private, --revision and --exist-ok apply only with --push REPO_ID")
+    if args.push is None and (args.private or args.revision or args.exist_ok or args.dry_run):
+        raise UserError("--private, --revision, --exist-ok and --dry-run apply only with --push REPO_ID")
     if args.gguf is None and args.gguf_dtype != "f32":
         raise UserError("--gguf-dtype applies only with --gguf FILE")
     for folder in (args.out, args.adapter):
@@ -147,7 +152,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as staging:
         folder = save_checkpoint(subnet, tokenizer, Path(staging) / "subnet")
         commit = _push(folder, args, f"Upload subnet depth={args.depth} width={args.width:g} of {args.model_dir}")
-    print(f"exported {description} to {_pushed_to(commit, args)}")
+    if commit is not None:
+        print(f"exported {description} to {_pushed_to(commit, args)}")
 
 
 def _register_push(commands: argparse._SubParsersAction) -> None:
@@ -156,19 +162,33 @@ def _register_push(commands: argparse._SubParsersAction) -> None:
         "amoeba push smollm2-amoeba your-name/smollm2-amoeba --private\n"
         "  amoeba push smollm2-amoeba your-name/smollm2-amoeba --revision stage2 --exist-ok",
     )
-    parser.add_argument("model_dir", help="checkpoint folder, uploaded as it is (hidden files excepted)")
+    parser.add_argument("model_dir", help="checkpoint folder, uploaded as it is (hidden files excepted) once it passes "
+                        "the checks loading applies; symbolic links and special files are refused")
     parser.add_argument("push", metavar="REPO_ID", help="Hub repo, e.g. your-name/smollm2-amoeba")
     _add_hub_args(parser)
 
 
 def _cmd_push(args: argparse.Namespace) -> None:
     commit = _push(args.model_dir, args)
-    print(f"pushed {args.model_dir} to {_pushed_to(commit, args)}")
+    if commit is not None:
+        print(f"pushed {args.model_dir} to {_pushed_to(commit, args)}")
 
 
-def _push(folder: str, args: argparse.Namespace, commit_message: str | None = None):
-    from ..hub import push_folder
+def _push(folder: str | Path, args: argparse.Namespace, commit_message: str | None = None):
+    """Check the folder and list the files it uploads, then push exactly those; None with --dry-run (nothing sent)."""
+    from ..hub import check_push_folder, push_folder
 
+    folder = Path(folder)
+    files = check_push_folder(folder)
+    sizes = {path.relative_to(folder).as_posix(): path.stat().st_size for path in files}
+    print(f"{'would upload' if args.dry_run else 'uploading'} {len(files)} files ({sum(sizes.values()):,} bytes) "
+          f"to {args.push}:")
+    for name, size in sizes.items():
+        print(f"  {name} ({size:,} bytes)")
+    if args.dry_run:
+        print("dry run: the folder passed the checks (regular files only, valid config.json, weight files intact and "
+              "matching the config); no repo was created and nothing was uploaded")
+        return None
     return push_folder(
         folder,
         args.push,
@@ -176,6 +196,7 @@ def _push(folder: str, args: argparse.Namespace, commit_message: str | None = No
         revision=args.revision,
         exist_ok=args.exist_ok,
         commit_message=commit_message,
+        files=files,
     )
 
 

@@ -3,8 +3,9 @@
 import argparse
 
 from ..io import ensure_free_output_dir, save_checkpoint
+from ..placement import LoadSettings
 from ..selection.calibrate import CalibrationSettings
-from ..training.finetune import FinetuneSettings
+from ..training.finetune import FinetuneSettings, TrainerSettings
 from ..training.reconstruction import ReconstructionSettings
 from . import add_command, add_settings_arguments, settings_from_args
 
@@ -28,6 +29,7 @@ def _register_calibrate(commands: argparse._SubParsersAction) -> None:
                         help="any-shape checkpoint, or a source model to convert (default: embedded SmolLM2)")
     parser.add_argument("--out", required=True, help="new folder for the calibrated checkpoint")
     add_settings_arguments(parser, CalibrationSettings)
+    add_settings_arguments(parser, LoadSettings)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
@@ -41,7 +43,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     out = ensure_free_output_dir(args.out)
     settings = settings_from_args(CalibrationSettings, args)
     settings.validate()
-    model, tokenizer = load_or_convert(args.model, min_depth=settings.min_depth)
+    model, tokenizer = load_or_convert(args.model, settings_from_args(LoadSettings, args), min_depth=settings.min_depth)
     settings.validate(model.config.num_hidden_layers)
     state_dir = out.parent / f".{out.name}.calibrate-state"
     report = calibrate(model, tokenizer, settings, state_dir=state_dir)
@@ -65,6 +67,7 @@ def _register_reconstruct(commands: argparse._SubParsersAction) -> None:
                         help="(calibrated) any-shape checkpoint or a source model (default: embedded SmolLM2)")
     parser.add_argument("--out", required=True, help="new folder for the reconstructed checkpoint")
     add_settings_arguments(parser, ReconstructionSettings)
+    add_settings_arguments(parser, LoadSettings)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -78,7 +81,7 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
     settings = settings_from_args(ReconstructionSettings, args)
     settings.validate()
     out = ensure_free_output_dir(args.out)
-    model, tokenizer = load_or_convert(args.model)
+    model, tokenizer = load_or_convert(args.model, settings_from_args(LoadSettings, args))
     state_dir = out.parent / f".{out.name}.reconstruct-state"
     report = reconstruct(model, tokenizer, settings, state_dir=state_dir)
     summary = json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2)
@@ -102,6 +105,8 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
                         help="(calibrated) any-shape checkpoint or a source model (default: embedded SmolLM2)")
     parser.add_argument("--out", required=True, help="new folder for the trained checkpoint")
     add_settings_arguments(parser, FinetuneSettings)
+    add_settings_arguments(parser, TrainerSettings)
+    add_settings_arguments(parser, LoadSettings)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -112,11 +117,13 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     settings = settings_from_args(FinetuneSettings, args)
     settings.validate()
+    trainer_settings = settings_from_args(TrainerSettings, args)
+    trainer_settings.validate()
     out = ensure_free_output_dir(args.out)
     check_data(settings.data)
-    model, tokenizer = load_or_convert(args.model_dir)
+    model, tokenizer = load_or_convert(args.model_dir, settings_from_args(LoadSettings, args))
     work_dir = out.parent / f".{out.name}.train-work"
-    trainer = finetune(model, tokenizer, settings, work_dir)
+    trainer = finetune(model, tokenizer, settings, work_dir, trainer_settings=trainer_settings)
     if not trainer.is_world_process_zero():
         return
     save_checkpoint(model, tokenizer, out)

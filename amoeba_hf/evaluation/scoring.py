@@ -1,6 +1,7 @@
 """Scoring a causal LM (at its current shape) on evaluation tasks: windowed perplexity, log-likelihood choice.
 
-Perplexity protocol: the text is tokenised once without special tokens and cut to a token budget; windows of
+Perplexity protocol: the text (or each document, joined with EOS) is tokenised once with the tokenizer's default
+special tokens (a BOS first for Llama, none for SmolLM2) and cut to a token budget; windows of
 `window` tokens start every `stride` tokens (default: `stride = window`, non-overlapping) while a full window fits,
 so a trailing partial window is dropped. A window predicts its tokens from its own context only; with overlapping
 windows each token is scored once, by the first window that sees it with `window - stride` tokens of context
@@ -19,6 +20,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..placement import input_device
+from ..training.data import encode_documents
 from .tasks import TARGET_DELIMITER, ChoiceItem, PerplexityTask, Task
 
 # A forward pass streams every weight, so a separate pass for a shared prefix costs about as much as ~100 tokens:
@@ -70,12 +73,14 @@ def _last_hidden_states(decoder: torch.nn.Module, inputs: list[tuple[int, ...]],
     A long common prefix runs once and is reused through the KV cache by every row.
     """
     length = max(len(x) for x in inputs)
+    device = input_device(decoder)
     ids = torch.zeros((len(inputs), length - shared), dtype=torch.long)
     for row, tokens in enumerate(inputs):
         ids[row, : len(tokens) - shared] = torch.tensor(tokens[shared:])
+    ids = ids.to(device)
     if shared == 0:
         return decoder(input_ids=ids, use_cache=False).last_hidden_state
-    cache = decoder(input_ids=torch.tensor([inputs[0][:shared]]), use_cache=True).cache
+    cache = decoder(input_ids=torch.tensor([inputs[0][:shared]], device=device), use_cache=True).cache
     cache.batch_repeat_interleave(len(inputs))
     return decoder(input_ids=ids, cache=cache, use_cache=True).last_hidden_state
 
@@ -112,7 +117,7 @@ def continuation_logprobs(
             end = len(tokens) - shared
             logprobs = F.log_softmax(head(hidden[row, end - span : end]).float(), dim=-1)
             for index in by_input[tokens]:
-                continuation = torch.tensor(requests[index][1])
+                continuation = torch.tensor(requests[index][1], device=logprobs.device)
                 picked = logprobs[span - len(continuation) :].gather(-1, continuation[:, None])
                 scores[index] = picked.sum().item()
         if progress is not None:
@@ -141,11 +146,11 @@ def perplexity(
     total_nll, scored = 0.0, 0
     for start in range(0, len(windows), batch_size):
         batch = windows[start : start + batch_size]
-        ids = torch.stack([token_ids[begin : begin + window] for begin, _ in batch])
+        ids = torch.stack([token_ids[begin : begin + window] for begin, _ in batch]).to(input_device(model))
         hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state
         for row, (_, first) in enumerate(batch):
             logits = head(hidden[row, first - 1 : window - 1]).float()
-            total_nll += F.cross_entropy(logits, ids[row, first:window], reduction="sum").item()
+            total_nll += F.cross_entropy(logits, ids[row, first:window].to(logits.device), reduction="sum").item()
             scored += window - first
         if progress is not None:
             progress.update(len(batch))
@@ -179,7 +184,8 @@ def encode_task(
 ) -> EncodedTask:
     """Tokenise a task once so that every shape scores exactly the same tokens."""
     if isinstance(task, PerplexityTask):
-        ids = tokenizer(task.text, add_special_tokens=False)["input_ids"]
+        documents = (task.text,) if isinstance(task.text, str) else task.text
+        ids = encode_documents(tokenizer, documents, max_tokens=ppl_tokens)
         if ppl_tokens is not None:
             ids = ids[:ppl_tokens]
         stride = ppl_stride or ppl_window

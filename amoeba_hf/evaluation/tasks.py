@@ -14,6 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..training.data import load_documents
+
 TARGET_DELIMITER = " "
 MMLU_LETTERS = ("A", "B", "C", "D")
 
@@ -29,8 +31,10 @@ class ChoiceItem:
 
 @dataclass(frozen=True)
 class PerplexityTask:
+    """Text scored by perplexity: one text (WikiText-2's file), or documents tokenised one by one, joined with EOS."""
+
     name: str
-    text: str
+    text: str | tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -241,7 +245,9 @@ def load_task(
     """A built-in task read from `data_dir`, or a `.jsonl` file of `{context, choices, label}` (path as given,
     else relative to `data_dir`). `limit` subsets multiple-choice tasks, `mmlu_limit` each MMLU subject.
 
-    `mmlu` is 5-shot; `mmlu_Kshot` uses the first K (0-5) dev questions of each subject as exemplars.
+    `mmlu` is 5-shot; `mmlu_Kshot` uses the first K (0-5) dev questions of each subject as exemplars. A Hub dataset
+    `name[:config]@split` (the split is required, to never evaluate on training data by default) is a perplexity
+    task on its text field, a document per record.
     """
     data_dir = Path(data_dir)
     if name == "wikitext2":
@@ -256,9 +262,11 @@ def load_task(
         path = Path(name) if Path(name).is_file() else data_dir / name
         items = read_choice_jsonl(_require(path, name))
         return ChoiceTask(task_label(name), tuple(seeded_subset(items, limit, seed)))
+    if "@" in name:
+        return PerplexityTask(name, tuple(load_documents(name, "evaluation text")))
     raise ValueError(
-        f"unknown task {name!r}; available: {', '.join(TASK_NAMES)}, or a .jsonl file of "
-        '{"context", "choices", "label"} lines'
+        f"unknown task {name!r}; available: {', '.join(TASK_NAMES)}, a .jsonl file of "
+        '{"context", "choices", "label"} lines, or a Hub dataset name[:config]@split for perplexity'
     )
 
 

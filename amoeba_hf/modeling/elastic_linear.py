@@ -16,10 +16,14 @@ class ElasticLinear(nn.Linear):
     buffer `input_mean` holds the calibration mean of each input channel; when input channels are pruned their
     mean contribution `W[:, pruned] @ mean[pruned]` is added as an output bias (FLAP bias compensation).
 
+    The compensation is computed in `forward`, not when the width is set: under FSDP the weight is whole only
+    there, and a later `.to(dtype)` or device move must not leave a stale copy behind.
+
     With `experts > 0` it also holds the SMoL LoRA experts `lora_A` (E x r x in) and `lora_B` (E x out x r). For
     gates g set by the model before each forward, the update is `s * (sum_e g_e B_e)(sum_e g_e A_e)` sliced to
     the active width, i.e. one ordinary rank-r LoRA per shape. Gates of `None` mean no update (a shape that runs
-    the base weights only).
+    the base weights only). Experts are float32 over a base of any dtype (as peft keeps adapters): their update
+    is computed in their dtype and added in the base's.
 
     Inference keeps a contiguous copy of the active weight where computing with the view would be slower
     (`weight_cache_mode`, see `set_weight_cache`): a column prefix `weight[:, :active_in]` is a strided view, and
@@ -45,7 +49,7 @@ class ElasticLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=bias)
         self.active_in = in_features
         self.active_out = out_features
-        self.compensation: torch.Tensor | None = None
+        self._compensation: tuple[tuple, torch.Tensor] | None = None
         if track_input_mean:
             self.register_buffer("input_mean", torch.zeros(in_features))
         self.lora_A: nn.Parameter | None = None
@@ -58,9 +62,9 @@ class ElasticLinear(nn.Linear):
 
     def add_experts(self, experts: int, rank: int, alpha: float, dropout: float) -> None:
         """Attach E LoRA experts (A random, B zero: the model's function is unchanged until trained)."""
-        weight = self.weight
-        self.lora_A = nn.Parameter(torch.empty(experts, rank, self.in_features, dtype=weight.dtype, device=weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, dtype=weight.dtype, device=weight.device))
+        options = {"dtype": torch.float32, "device": self.weight.device}
+        self.lora_A = nn.Parameter(torch.empty(experts, rank, self.in_features, **options))
+        self.lora_B = nn.Parameter(torch.zeros(experts, self.out_features, rank, **options))
         self.reset_experts()
         self.lora_scaling = alpha / rank
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -78,13 +82,22 @@ class ElasticLinear(nn.Linear):
         if (active_in, active_out) != (self.active_in, self.active_out):
             self._weight_cache = None
         self.active_in, self.active_out = active_in, active_out
+
+    def compensation(self) -> torch.Tensor | None:
+        """`W[:active_out, pruned] @ input_mean[pruned]` in the weight's dtype (accumulated in float32), or `None`
+        without calibration means or pruned inputs; cached per sizes and weight version."""
         mean = getattr(self, "input_mean", None)
         if mean is None or self.active_in == self.in_features:
-            self.compensation = None
-        else:
+            return None
+        weight = self.weight
+        key = (self.active_in, self.active_out, id(weight), weight.data_ptr(), weight._version, weight.dtype,
+               id(mean), mean._version)
+        if self._compensation is None or self._compensation[0] != key:
             with torch.no_grad():
-                pruned = self.weight[: self.active_out, self.active_in :]
-                self.compensation = pruned @ mean[self.active_in :].to(pruned.dtype)
+                pruned = weight[: self.active_out, self.active_in :].float()
+                value = (pruned @ mean[self.active_in :].to(pruned)).to(weight.dtype)
+            self._compensation = (key, value)
+        return self._compensation[1]
 
     def active_weight(self) -> torch.Tensor:
         if self.active_out == self.out_features and self.active_in == self.in_features:
@@ -94,9 +107,10 @@ class ElasticLinear(nn.Linear):
     def active_bias(self) -> torch.Tensor | None:
         """Bias of the active rows, with the pruned channels' compensation folded in."""
         bias = self.bias if self.bias is None or self.active_out == self.out_features else self.bias[: self.active_out]
-        if self.compensation is None:
+        compensation = self.compensation()
+        if compensation is None:
             return bias
-        return self.compensation if bias is None else bias + self.compensation
+        return compensation if bias is None else bias + compensation
 
     def mixed_experts(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A_eff, B_eff) for the current gates, sliced to the active width.
@@ -104,15 +118,16 @@ class ElasticLinear(nn.Linear):
         Cached while gates and expert weights are unchanged (inference); recomputed when they carry gradients.
         """
         key = (id(self.gates), self.gates._version, self.lora_A._version, self.lora_B._version, id(self.lora_A))
+        gates = self.gates.to(self.lora_A)
         if self.gates.requires_grad or (torch.is_grad_enabled() and self.lora_A.requires_grad):
-            mixed_a = torch.einsum("e,eri->ri", self.gates, self.lora_A)
-            mixed_b = torch.einsum("e,eor->or", self.gates, self.lora_B)
+            mixed_a = torch.einsum("e,eri->ri", gates, self.lora_A)
+            mixed_b = torch.einsum("e,eor->or", gates, self.lora_B)
         elif self._mixed is not None and self._mixed[0] == key:
             mixed_a, mixed_b = self._mixed[1]
         else:
             with torch.inference_mode(False), torch.no_grad():
-                mixed_a = torch.einsum("e,eri->ri", self.gates, self.lora_A)
-                mixed_b = torch.einsum("e,eor->or", self.gates, self.lora_B)
+                mixed_a = torch.einsum("e,eri->ri", gates, self.lora_A)
+                mixed_b = torch.einsum("e,eor->or", gates, self.lora_B)
             self._mixed = (key, (mixed_a, mixed_b))
         return mixed_a[:, : self.active_in], mixed_b[: self.active_out]
 
@@ -121,7 +136,7 @@ class ElasticLinear(nn.Linear):
         if self.lora_A is None or self.gates is None:
             return self.active_weight()
         mixed_a, mixed_b = self.mixed_experts()
-        return self.active_weight() + self.lora_scaling * (mixed_b @ mixed_a)
+        return self.active_weight() + (self.lora_scaling * (mixed_b @ mixed_a)).to(self.weight.dtype)
 
     def set_weight_cache(self, mode: str) -> None:
         """`"strided"` (default): cache a contiguous copy where input columns are sliced; `"merged"`: also cache
@@ -137,7 +152,7 @@ class ElasticLinear(nn.Linear):
             return 0
         return sum(
             tensor.numel() * tensor.element_size() for tensor in self._weight_cache[2:]
-            if tensor is not None and tensor._base is None and tensor is not self.compensation
+            if tensor is not None and tensor._base is None and tensor is not self.compensation()
         )
 
     def _weight_cache_key(self, merge: bool) -> tuple | None:
@@ -145,8 +160,9 @@ class ElasticLinear(nn.Linear):
         tensor (the entry keeps them alive, so ids stay unique). `None` for inference tensors (no version)."""
         weight, bias, gates = self.weight, self.bias, self.gates
         try:
+            mean = getattr(self, "input_mean", None)
             key = (
-                self.active_in, self.active_out, merge, id(self.compensation),
+                self.active_in, self.active_out, merge, None if mean is None else (id(mean), mean._version),
                 id(weight), weight.data_ptr(), weight._version, None if bias is None else (id(bias), bias._version),
             )
             if merge:
@@ -175,7 +191,7 @@ class ElasticLinear(nn.Linear):
             return None
         entry = self._weight_cache
         if entry is None or entry[0] != key:
-            sources = (self.weight, self.bias, self.compensation, self.gates, self.lora_A, self.lora_B)
+            sources = (self.weight, self.bias, getattr(self, "input_mean", None), self.gates, self.lora_A, self.lora_B)
             self._weight_cache = (key, sources, None, None)
             return None
         weight, bias = entry[2], entry[3]
@@ -191,6 +207,7 @@ class ElasticLinear(nn.Linear):
         state = super().__getstate__()
         state["_weight_cache"] = None
         state["_mixed"] = None
+        state["_compensation"] = None
         return state
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -205,7 +222,8 @@ class ElasticLinear(nn.Linear):
         if self.lora_A is None or self.gates is None:
             return output
         mixed_a, mixed_b = self.mixed_experts()
-        return output + self.lora_scaling * F.linear(F.linear(self.lora_dropout(input), mixed_a), mixed_b)
+        update = F.linear(F.linear(self.lora_dropout(input).to(mixed_a.dtype), mixed_a), mixed_b)
+        return output + (self.lora_scaling * update).to(output.dtype)
 
     def extra_repr(self) -> str:
         experts = "" if self.lora_A is None else f", experts={self.lora_A.shape[0]}, rank={self.lora_A.shape[1]}"

@@ -41,7 +41,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.hub import hf_api
 from transformers.utils.output_capturing import capture_outputs
 
-from .checkpoint_files import check_loading_info, record_weight_hashes, verify_weight_files
+from .checkpoint_files import CALIBRATION_BUFFERS, check_loading_info, record_weight_hashes, verify_weight_files
 from .configuration_amoeba import ATTENTION_UNITS, SMOL_TARGETS, SUPPORTED_SOURCE_TYPES, AmoebaConfig
 from .elastic_linear import ElasticLinear
 from .model_card import fill_repo_id, read_eval_rows, render_model_card, write_card
@@ -306,6 +306,9 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
     config_class = AmoebaConfig
     config: AmoebaConfig
     _no_split_modules = ["AmoebaDecoderLayer"]
+    # Calibration statistics decide which channels a width keeps (bf16 rounding changes the choice) and the experts
+    # and router train in float32 over a base of any dtype, as peft keeps adapters.
+    _keep_in_fp32_modules_strict = ["lora_A", "lora_B", "shape_router", *CALIBRATION_BUFFERS]
     _can_record_outputs = {"hidden_states": AmoebaDecoderLayer, "attentions": AmoebaAttention}
 
     @classmethod
@@ -328,7 +331,7 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
         """Calibration buffers start at zero (no compensation, no importance) when absent from a checkpoint, and
         LoRA experts as in LoRA (A random, B zero) so that adding them leaves the model's function unchanged."""
         super()._init_weights(module)
-        for name in ("input_mean", "neuron_importance", "group_importance", "slot_importance"):
+        for name in CALIBRATION_BUFFERS:
             buffer = getattr(module, name, None)
             if isinstance(buffer, torch.Tensor):
                 init.zeros_(buffer)
@@ -771,13 +774,15 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         min_depth: int | None = None,
         min_width: float = 0.5,
         width_grid: list[float] | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = "auto",
         **load_kwargs,
     ) -> "AmoebaForCausalLM":
         """Convert a Llama-family causal LM (a model, a local folder, a Hub id or a GGUF file) to any-shape form.
 
         Supported source architectures: Llama (incl. SmolLM2, TinyLlama, Llama-2/3), Mistral, Qwen2. The full
-        shape computes exactly what the source model computes.
+        shape computes exactly what the source model computes. `dtype` is the source's own ("auto") or a torch
+        dtype; `load_kwargs` go to `from_pretrained` (`device_map`, `revision`, ...). The any-shape model is built
+        on the meta device and takes the source's tensors themselves, so conversion holds one copy of the weights.
         """
         if isinstance(source, (str, os.PathLike)):
             check_local_source(source, gguf_file)
@@ -787,11 +792,13 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         config = amoeba_config_from_source(
             source.config, min_depth=min_depth, min_width=min_width, width_grid=width_grid
         )
-        with init.no_init_weights():
+        with torch.device("meta"), init.no_init_weights():
             model = cls(config)
         model.load_state_dict(source.state_dict(), strict=True, assign=True)
         model.tie_weights()
-        return model.to(dtype)
+        embeddings = model.model.embed_tokens.weight
+        model.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(embeddings.device)
+        return model if dtype == "auto" else model.to(dtype)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs):

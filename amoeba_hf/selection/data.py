@@ -5,13 +5,20 @@ silent shortfall.
 """
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from ..training.data import check_text_column, load_records
+from ..training.data import (
+    DataFields,
+    encode_document,
+    encode_documents,
+    ensure_pad_token,
+    load_documents,
+    load_records,
+)
 
 ANSWER_LETTERS = ("A", "B", "C", "D")
 
@@ -26,62 +33,50 @@ class MultipleChoiceBatch:
     letter_ids: torch.Tensor
     answers: torch.Tensor
 
-
-def _record_text(record: dict) -> str:
-    """A record's text: its `text` field, or an Alpaca record's instruction, input and output joined."""
-    if "text" in record:
-        return record["text"]
-    return "\n\n".join(part for part in (record["instruction"], record.get("input"), record["output"]) if part)
+    def to(self, device: torch.device) -> "MultipleChoiceBatch":
+        return MultipleChoiceBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
 def text_blocks(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int = 0
+    source: str | Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int, seed: int = 0,
+    data_fields: DataFields = DataFields(),
 ) -> torch.Tensor:
-    """`num_samples` blocks of `seq_len` tokens from documents (`.txt`: one per line; JSON/JSONL: `text`, or
-    Alpaca `instruction`/`input`/`output`).
+    """`num_samples` blocks of `seq_len` tokens from documents: a file (`.txt`: one per line; JSON/JSONL: `text`, or
+    Alpaca `instruction`/`input`/`output`) or a Hub dataset `name[:config][@split]` (default split: train).
 
-    Documents are shuffled with `seed`, joined with the EOS token and cut into consecutive blocks.
+    Documents are shuffled with `seed`, tokenised one by one and joined with the EOS id, then cut into consecutive
+    blocks. A Hub dataset is streamed (shuffled through a buffer) and read only as far as the blocks need.
     """
     if num_samples < 1 or seq_len < 2:
         raise ValueError(f"need num_samples >= 1 and seq_len >= 2, got {num_samples} and {seq_len}")
-    dataset = load_records(path, (), "calibration file")
-    columns = dataset.column_names
-    if "text" not in columns and not {"instruction", "output"} <= set(columns):
-        raise ValueError(
-            f"calibration file {path} lacks field(s) ['text'] (or Alpaca 'instruction'/'output'); it has {columns}"
-        )
-    for field in sorted({"text", "instruction", "input", "output"} & set(columns)):
-        check_text_column(dataset, field, path, "calibration file")
-    documents = [text for text in (_record_text(r) for r in dataset) if text and text.strip()]
-    if not documents:
-        raise ValueError(f"calibration file {path} has no non-empty text")
-    random.Random(seed).shuffle(documents)
-    separator = tokenizer.eos_token or "\n\n"
-    ids = tokenizer(separator.join(documents), return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    documents = load_documents(source, "calibration file", data_fields, streaming=True, seed=seed,
+                               instructions_as_text=True)
     needed = num_samples * seq_len
+    ids = torch.tensor(encode_documents(tokenizer, documents, max_tokens=needed), dtype=torch.long)
     if ids.numel() < needed:
         raise ValueError(
-            f"calibration file {path} has {ids.numel():,} tokens, but {num_samples} samples of {seq_len} tokens "
+            f"calibration file {source} has {ids.numel():,} tokens, but {num_samples} samples of {seq_len} tokens "
             f"need {needed:,}: lower --samples/--seq-len or add text"
         )
     return ids[:needed].view(num_samples, seq_len).clone()
 
 
 def multiple_choice_prompts(
-    path: str | Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, seed: int = 0
+    source: str | Path, tokenizer: PreTrainedTokenizerBase, num_samples: int, seed: int = 0
 ) -> MultipleChoiceBatch:
-    """`num_samples` MMLU-style prompts (`input` ending in "Answer:", `output` a letter A-D), seeded selection."""
-    records = load_records(path, ("input", "output"), "calibration file").to_list()
+    """`num_samples` MMLU-style prompts (`input` ending in "Answer:", `output` a letter A-D), seeded selection,
+    from a file or a Hub dataset; each prompt starts a sequence, so it gets the tokenizer's BOS."""
+    records = load_records(source, ("input", "output"), "calibration file").to_list()
     bad = [r["output"] for r in records if str(r["output"]).strip() not in ANSWER_LETTERS]
     if bad:
-        raise ValueError(f"{path}: every `output` must be one of {ANSWER_LETTERS}, found {bad[0]!r}")
+        raise ValueError(f"{source}: every `output` must be one of {ANSWER_LETTERS}, found {bad[0]!r}")
     if len(records) < num_samples:
-        raise ValueError(f"{path} has {len(records)} prompts, fewer than the {num_samples} samples requested")
+        raise ValueError(f"{source} has {len(records)} prompts, fewer than the {num_samples} samples requested")
     chosen = random.Random(seed).sample(records, num_samples)
-    encoded = [tokenizer(r["input"], add_special_tokens=False)["input_ids"] for r in chosen]
+    encoded = [encode_document(tokenizer, r["input"]) for r in chosen]
     length = max(len(e) for e in encoded)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((num_samples, length), pad, dtype=torch.long)
+    ensure_pad_token(tokenizer)
+    input_ids = torch.full((num_samples, length), tokenizer.pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((num_samples, length), dtype=torch.long)
     for row, ids in enumerate(encoded):
         input_ids[row, : len(ids)] = torch.tensor(ids)

@@ -84,8 +84,8 @@ def perplexity_score(runner: LayerRunner, input_ids: torch.Tensor, chunk_size: i
     def score(states: list[torch.Tensor]) -> float:
         total, count = 0.0, 0
         for position, hidden in enumerate(states):
-            ids = input_ids[position * chunk_size : (position + 1) * chunk_size]
             logits = runner.model.lm_head(hidden[:, :-1]).float()
+            ids = input_ids[position * chunk_size : (position + 1) * chunk_size].to(logits.device)
             total += F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten(), reduction="sum").item()
             count += ids[:, 1:].numel()
         return float(torch.tensor(total / count).exp())
@@ -124,9 +124,10 @@ def multiple_choice_score(runner: LayerRunner, batch: MultipleChoiceBatch, chunk
         total = 0.0
         for position, hidden in enumerate(states):
             rows = slice(position * chunk_size, (position + 1) * chunk_size)
-            last = hidden[torch.arange(hidden.shape[0]), batch.last_index[rows]]
-            letters = runner.model.lm_head(last)[:, batch.letter_ids].float()
-            total += F.cross_entropy(letters, batch.answers[rows], reduction="sum").item()
+            on_device = batch.to(hidden.device)
+            last = hidden[torch.arange(hidden.shape[0], device=hidden.device), on_device.last_index[rows]]
+            letters = runner.model.lm_head(last)[:, on_device.letter_ids].float()
+            total += F.cross_entropy(letters, on_device.answers[rows].to(letters.device), reduction="sum").item()
         return total / batch.answers.numel()
 
     return score

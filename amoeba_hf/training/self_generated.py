@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..placement import input_device
 from .data import instruction_prompt
 
 SEED_INSTRUCTIONS = (
@@ -111,6 +112,7 @@ def generate_self_data(
             batch = instructions[start : start + batch_size]
             prompts = [instruction_prompt(tokenizer, instruction, "", "auto") for instruction in batch]
             inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = inputs.to(input_device(model))
             torch.manual_seed(seed + start)
             with torch.no_grad():
                 output = model.generate(
