@@ -37,14 +37,18 @@ class EvalSettings:
     )
     ppl_tokens: int | None = field(default=None, metadata={"help": "score only the first N tokens of the text"})
 
-    def validate(self) -> None:
-        """Check the settings before a model is loaded."""
+    def validate(self, max_position_embeddings: int | None = None) -> None:
+        """Check the settings before a model is loaded, and the perplexity window against the model's context
+        length once it is (a longer window is scored at positions the model never saw, without an error)."""
         if not Path(self.data_dir).is_dir():
             raise ValueError(f"data_dir {self.data_dir} (--data-dir) is not a folder")
         for name in ("limit", "mmlu_limit", "ppl_window", "ppl_stride", "ppl_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if max_position_embeddings is not None and self.ppl_window > max_position_embeddings:
+            raise ValueError(f"ppl_window (--ppl-window) {self.ppl_window} exceeds the model's "
+                             f"max_position_embeddings ({max_position_embeddings})")
 
 
 def _load_results(out: Path, header: dict) -> dict:

@@ -33,12 +33,14 @@ class ShapeRouter(nn.Module):
         self._shape_version += 1
 
     def _gates(self, noisy: bool) -> torch.Tensor:
+        """Computed in the router's own dtype (float32) even under autocast, which would mix bf16 and fp32 here."""
         code = self.code.to(self.encoder.weight.dtype)
-        logits = self.logits(self.encoder(code))
-        if noisy:
-            logits = logits + torch.randn_like(logits) * F.softplus(self.noise(code))
-        top_values, top_indices = logits.topk(self.top_k)
-        return torch.zeros_like(logits).scatter(0, top_indices, F.softmax(top_values, dim=-1))
+        with torch.autocast(device_type=code.device.type, enabled=False):
+            logits = self.logits(self.encoder(code))
+            if noisy:
+                logits = logits + torch.randn_like(logits) * F.softplus(self.noise(code))
+            top_values, top_indices = logits.topk(self.top_k)
+            return torch.zeros_like(logits).scatter(0, top_indices, F.softmax(top_values, dim=-1))
 
     def deterministic_gates(self) -> torch.Tensor:
         """Gates without noise and without autograd history: what inference and export use.

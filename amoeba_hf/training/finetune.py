@@ -4,15 +4,80 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from datasets import concatenate_datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .data import TEMPLATES, TEXT_FIELDS, instruction_dataset, load_instructions, load_records, text_dataset
+from .data import (
+    TEMPLATES,
+    DataFields,
+    ensure_pad_token,
+    instruction_dataset,
+    is_file_source,
+    is_instruction_data,
+    load_documents,
+    load_instructions,
+    text_dataset,
+)
 from .trainer import TEACHERS, AmoebaTrainer, AmoebaTrainingArguments
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+@dataclass
+class TrainerSettings:
+    """The Trainer's own arguments that matter at scale (precision, memory, the distributed engine), under their
+    `TrainingArguments` names: the flags of `amoeba train` and `amoeba build` beside the recipe.
+
+    Run several processes with `accelerate launch`: DDP as it is, FSDP with `--fsdp`. DeepSpeed is refused: the
+    sandwich runs one backward pass per shape, and its engine steps the optimizer after each of them.
+    """
+
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 autocast (default: on when training on a GPU that supports it)"}
+    )
+    fp16: bool = field(default=False, metadata={"help": "fp16 autocast with loss scaling (GPUs without bf16)"})
+    tf32: bool | None = field(default=None, metadata={"help": "TF32 matmuls on Ampere or newer GPUs"})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "recompute activations in backward: less memory, about a third more time"}
+    )
+    fsdp: str = field(
+        default="", metadata={"help": "FSDP options of TrainingArguments, e.g. 'full_shard auto_wrap'"}
+    )
+    fsdp_config: str | None = field(default=None, metadata={"help": "FSDP config JSON (e.g. {\"fsdp_version\": 2})"})
+    deepspeed: str | None = field(default=None, metadata={"help": "refused, see above: use DDP or --fsdp"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "processes loading batches"})
+
+    def validate(self) -> None:
+        if self.deepspeed:
+            raise ValueError(
+                "DeepSpeed is not supported: one-for-all training runs one backward pass per shape, and DeepSpeed "
+                "steps the optimizer after each; use DDP (accelerate launch) or FSDP (--fsdp 'full_shard auto_wrap')"
+            )
+        if self.bf16 and self.fp16:
+            raise ValueError("choose one of --bf16 and --fp16")
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}")
+
+    def training_arguments(self) -> dict:
+        """`TrainingArguments` fields; bf16 on by default where a GPU supports it, checkpointing non-reentrant (the
+        reentrant form cannot backpropagate once per shape through the same inputs)."""
+        self.validate()
+        bf16 = self.bf16
+        if bf16 is None:
+            bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        arguments = {"bf16": bf16, "fp16": self.fp16, "gradient_checkpointing": self.gradient_checkpointing,
+                     "dataloader_num_workers": self.dataloader_num_workers}
+        if self.gradient_checkpointing:
+            arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
+        if self.tf32 is not None:
+            arguments["tf32"] = self.tf32
+        if self.fsdp:
+            arguments.update(fsdp=self.fsdp, fsdp_config=self.fsdp_config)
+        return arguments
 
 
 @dataclass
@@ -28,8 +93,13 @@ class FinetuneSettings:
                   "nargs": "+", "required": True},
     )
     steps: int = field(default=200, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=2, metadata={"help": "sequences per device and micro-batch"})
-    grad_accum: int = field(default=4, metadata={"help": "micro-batches per optimizer step"})
+    batch_size: int = field(
+        default=2,
+        metadata={"help": "sequences per device and micro-batch", "aliases": ("--per-device-train-batch-size",)},
+    )
+    grad_accum: int = field(
+        default=4, metadata={"help": "micro-batches per optimizer step", "aliases": ("--gradient-accumulation-steps",)}
+    )
     learning_rate: float = field(default=2e-4, metadata={"help": "peak learning rate", "flag": "--lr"})
     lr_schedule: str = field(
         default="constant",
@@ -134,7 +204,6 @@ class FinetuneSettings:
             "distill_teacher": self.distill_teacher,
             "loss_balancing": self.loss_balancing,
             "shape_seed": self.seed,
-            "dataloader_num_workers": 0,
         }
         return AmoebaTrainingArguments(**{**arguments, **overrides})
 
@@ -144,29 +213,35 @@ def is_instruction_file(path: str) -> bool:
     return not path.endswith(".txt") and '"instruction"' in Path(path).read_text(errors="replace")[:4096]
 
 
-def check_data(paths: list[str]) -> None:
-    """Fail fast, before a model is loaded: every file exists, parses and has the fields its kind needs."""
-    if not paths:
+def check_data(sources: list[str], data_fields: DataFields = DataFields()) -> None:
+    """Fail fast, before a model is loaded: every file exists or Hub dataset (`name[:config][@split]`) loads, and
+    each parses and has the fields its kind needs (`data_fields` apply to every source)."""
+    if not sources:
         raise ValueError("no training data given")
-    for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"training data {path} does not exist")
-        if is_instruction_file(path):
-            load_instructions(path)
+    for source in sources:
+        if is_file_source(source) and not Path(source).is_file():
+            raise FileNotFoundError(f"training data {source} does not exist")
+        if is_instruction_data(source, data_fields):
+            load_instructions(source, data_fields)
         else:
-            load_records(path, TEXT_FIELDS)
+            load_documents(source, "training data", data_fields)
 
 
-def build_dataset(paths: list[str], tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings):
-    """Instruction files (with `instruction`/`output`) and text files, tokenised and concatenated."""
-    check_data(paths)
+def build_dataset(sources: list[str], tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings,
+                  data_fields: DataFields = DataFields()):
+    """Instruction data (with `instruction`/`output`) and text, files or Hub datasets, tokenised and concatenated.
+
+    A tokenizer without a pad token (Llama base) gets its EOS as pad token here, before the collator pads with it.
+    """
+    check_data(sources, data_fields)
+    ensure_pad_token(tokenizer)
     parts = []
-    for path in paths:
-        if is_instruction_file(path):
-            parts.append(instruction_dataset(path, tokenizer, settings.max_prompt_tokens, settings.max_response_tokens,
-                                             settings.template))
+    for source in sources:
+        if is_instruction_data(source, data_fields):
+            parts.append(instruction_dataset(source, tokenizer, settings.max_prompt_tokens,
+                                             settings.max_response_tokens, settings.template, data_fields))
         else:
-            parts.append(text_dataset(path, tokenizer, settings.text_block_size))
+            parts.append(text_dataset(source, tokenizer, settings.text_block_size, data_fields))
     return concatenate_datasets(parts).shuffle(seed=settings.seed)
 
 
@@ -187,9 +262,12 @@ def last_complete_checkpoint(work_dir: str | os.PathLike) -> str | None:
 
 
 def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings, work_dir: str | os.PathLike,
-             callbacks: list[TrainerCallback] | None = None, **training_overrides) -> AmoebaTrainer:
-    """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run resumes from the newest complete one."""
+             callbacks: list[TrainerCallback] | None = None, trainer_settings: TrainerSettings | None = None,
+             **training_overrides) -> AmoebaTrainer:
+    """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run resumes from the newest complete one.
+    `trainer_settings` choose precision, memory savings and the distributed engine."""
     settings.validate()
+    training_overrides = {**(trainer_settings or TrainerSettings()).training_arguments(), **training_overrides}
     dataset = build_dataset(settings.data, tokenizer, settings)
     if not model.config.smol_experts and settings.experts:
         set_seed(settings.seed)

@@ -28,7 +28,9 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from ..io import write_text_atomically
 from ..modeling.modeling_amoeba import LayerInputs
 from ..modeling.shape_space import Shape, ShapeSpace
+from ..placement import input_device
 from ..selection.data import text_blocks
+from .data import DataFields
 
 STATE_FILE = "state.json"
 
@@ -122,11 +124,13 @@ class DenseStates:
     batch_size: int
 
 
-def reconstruction_blocks(paths: list[str], tokenizer: PreTrainedTokenizerBase, samples: int, seq_len: int,
-                          seed: int = 0) -> torch.Tensor:
-    """`samples` blocks of `seq_len` tokens, split evenly over the files (earlier files take the remainder)."""
-    per_file = [samples // len(paths) + (index < samples % len(paths)) for index in range(len(paths))]
-    return torch.cat([text_blocks(path, tokenizer, count, seq_len, seed) for path, count in zip(paths, per_file)])
+def reconstruction_blocks(sources: list[str], tokenizer: PreTrainedTokenizerBase, samples: int, seq_len: int,
+                          seed: int = 0, data_fields: DataFields = DataFields()) -> torch.Tensor:
+    """`samples` blocks of `seq_len` tokens, split evenly over the files or Hub datasets (earlier ones take the
+    remainder)."""
+    per_source = [samples // len(sources) + (index < samples % len(sources)) for index in range(len(sources))]
+    return torch.cat([text_blocks(source, tokenizer, count, seq_len, seed, data_fields)
+                      for source, count in zip(sources, per_source)])
 
 
 def dense_states(model, input_ids: torch.Tensor, batch_size: int, chunk_size: int = 4) -> DenseStates:
@@ -287,6 +291,7 @@ def reconstruct(
     for width in settings.widths or ():
         space.validate(space.num_layers, width)
     blocks = reconstruction_blocks(settings.data, tokenizer, settings.samples, settings.seq_len, settings.seed)
+    blocks = blocks.to(input_device(model))
     if not model.config.smol_experts:
         set_seed(settings.seed)
         model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
