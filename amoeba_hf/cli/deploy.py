@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from transformers import PretrainedConfig
+
 from ..deploy.profile import ProfileSettings
 from ..io import ensure_free_output_dir, save_checkpoint
 from . import UserError, add_command, add_settings_arguments, load_checkpoint, settings_from_args
@@ -33,6 +35,15 @@ def _parse_count(text: str) -> int:
         return int(float(text[:-1] if scale > 1 else text) * scale)
     except ValueError:
         raise UserError(f"--max-params must be a count like 90000000, 90M or 1.5B, got {text!r}") from None
+
+
+def _check_context(settings: ProfileSettings, config: PretrainedConfig) -> None:
+    """The longest prompt and its decode steps must fit the model's positions, or the timings are of garbage."""
+    limit = getattr(config, "max_position_embeddings", None)
+    longest = max(settings.prompt_lengths)
+    if limit is not None and longest + settings.new_tokens > limit:
+        raise UserError(f"--prompt-lengths {longest} + --new-tokens {settings.new_tokens} exceeds the model's "
+                        f"max_position_embeddings ({limit})")
 
 
 def _profile_settings(args: argparse.Namespace) -> ProfileSettings:
@@ -70,6 +81,7 @@ def _cmd_profile(args: argparse.Namespace) -> None:
 
     settings = _profile_settings(args)
     model = _load_for_profiling(args)
+    _check_context(settings, model.config)
     shapes = parse_shapes(args.shapes, model.shape_space)
     modes = args.modes.split(",")
     profile = profile_checkpoint(model, args.model_dir, shapes, settings, modes=modes, repeats=args.repeats,
@@ -138,6 +150,7 @@ def _cmd_search(args: argparse.Namespace) -> None:
         ensure_free_output_dir(args.export)
     quality = stored_quality(args.results, args.metric) if args.results is not None else None
     model = _load_for_profiling(args)
+    _check_context(settings, model.config)
     tokenizer = None
     if quality is None or args.export is not None:
         tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)

@@ -46,9 +46,17 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     model = load_checkpoint(args.model_dir, **settings_from_args(LoadSettings, args).from_pretrained_kwargs()).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     shapes = parse_shapes(args.shapes, model.shape_space)
-    results = evaluate_shapes(model, tokenizer, shapes, args.tasks.split(","), settings, model_name=args.model_dir,
+    tasks = args.tasks.split(",")
+    if any(_is_perplexity_task(name) for name in tasks):
+        settings.validate(getattr(model.config, "max_position_embeddings", None))
+    results = evaluate_shapes(model, tokenizer, shapes, tasks, settings, model_name=args.model_dir,
                               out=out, batch_size=args.batch_size)
     write_csv(results, out.with_suffix(".csv"))
     plot_frontier(results, out.with_suffix(".png"))
     print(format_table(results))
     print(f"wrote {out}, {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
+
+
+def _is_perplexity_task(name: str) -> bool:
+    """wikitext2 and Hub datasets (`name@split`) are scored in `--ppl-window` windows (see `load_task`)."""
+    return name == "wikitext2" or "@" in name

@@ -2,7 +2,7 @@
 
 import argparse
 
-from ..io import ensure_free_output_dir, save_checkpoint
+from ..io import ensure_free_output_dir, output_lock, save_checkpoint
 from ..pipeline.build import BuildSettings
 from ..placement import LoadSettings
 from ..training.finetune import TrainerSettings
@@ -58,10 +58,11 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     from ..pipeline.sources import convert_source, load_tokenizer
 
     ensure_free_output_dir(args.out)
-    model = convert_source(args.model, settings_from_args(LoadSettings, args), min_depth=args.min_depth,
-                           min_width=args.min_width)
-    tokenizer = load_tokenizer(args.model)
-    save_checkpoint(model, tokenizer, args.out)
+    with output_lock(args.out):
+        model = convert_source(args.model, settings_from_args(LoadSettings, args), min_depth=args.min_depth,
+                               min_width=args.min_width)
+        tokenizer = load_tokenizer(args.model)
+        save_checkpoint(model, tokenizer, args.out)
     print(f"saved any-shape checkpoint to {args.out} ({model.num_parameters():,} parameters, "
           f"depths {model.shape_space.min_depth}..{model.shape_space.num_layers}, widths "
           f"[{model.shape_space.min_width}, 1])")

@@ -63,6 +63,7 @@ def _register_generate(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_generate(args: argparse.Namespace) -> None:
+    import sys
     import time
 
     from transformers import AutoTokenizer
@@ -87,6 +88,18 @@ def _cmd_generate(args: argparse.Namespace) -> None:
             f"the tokenizer of {args.model_dir} produced token id {largest}, outside the model's vocabulary "
             f"(vocab_size {model.config.vocab_size}); the tokenizer does not belong to the model"
         )
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and inputs["input_ids"].shape[1] + args.max_new_tokens > limit:
+        if args.max_new_tokens >= limit:
+            raise UserError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt within the "
+                            f"model's max_position_embeddings ({limit})")
+        # Positions past the limit give garbage without an error; the end of the prompt matters most for a reply.
+        keep = limit - args.max_new_tokens
+        print(f"amoeba generate: warning: prompt of {inputs['input_ids'].shape[1]} tokens + --max-new-tokens "
+              f"{args.max_new_tokens} exceeds the model's max_position_embeddings ({limit}); keeping the last "
+              f"{keep} prompt tokens", file=sys.stderr)
+        for name in inputs:
+            inputs[name] = inputs[name][:, -keep:]
     inputs = inputs.to(input_device(model))
     started = time.perf_counter()
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)

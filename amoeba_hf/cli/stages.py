@@ -2,18 +2,27 @@
 
 import argparse
 
-from ..io import ensure_free_output_dir, save_checkpoint
+from transformers import PretrainedConfig
+
+from ..io import ensure_free_output_dir, output_lock, save_checkpoint
 from ..placement import LoadSettings
 from ..selection.calibrate import CalibrationSettings
 from ..training.finetune import FinetuneSettings, TrainerSettings
 from ..training.reconstruction import ReconstructionSettings
-from . import add_command, add_settings_arguments, settings_from_args
+from . import UserError, add_command, add_settings_arguments, settings_from_args
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     _register_calibrate(commands)
     _register_reconstruct(commands)
     _register_train(commands)
+
+
+def _check_seq_len(seq_len: int, config: PretrainedConfig) -> None:
+    """Blocks longer than the model's positions would be scored past what it was trained on, without a word."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise UserError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings ({limit})")
 
 
 def _register_calibrate(commands: argparse._SubParsersAction) -> None:
@@ -43,13 +52,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     out = ensure_free_output_dir(args.out)
     settings = settings_from_args(CalibrationSettings, args)
     settings.validate()
-    model, tokenizer = load_or_convert(args.model, settings_from_args(LoadSettings, args), min_depth=settings.min_depth)
-    settings.validate(model.config.num_hidden_layers)
-    state_dir = out.parent / f".{out.name}.calibrate-state"
-    report = calibrate(model, tokenizer, settings, state_dir=state_dir)
-    calibration = json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2)
-    save_checkpoint(model, tokenizer, out, files={"calibration.json": calibration})
-    shutil.rmtree(state_dir, ignore_errors=True)
+    with output_lock(out):
+        model, tokenizer = load_or_convert(args.model, settings_from_args(LoadSettings, args),
+                                           min_depth=settings.min_depth)
+        settings.validate(model.config.num_hidden_layers)
+        _check_seq_len(settings.seq_len, model.config)
+        state_dir = out.parent / f".{out.name}.calibrate-state"
+        report = calibrate(model, tokenizer, settings, state_dir=state_dir)
+        calibration = json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2)
+        save_checkpoint(model, tokenizer, out, files={"calibration.json": calibration})
+        shutil.rmtree(state_dir, ignore_errors=True)
     print(f"calibrated checkpoint written to {out}: {report.evaluations} DP evaluations, "
           f"{report.layer_forwards} layer-forwards, depth {report.depth_seconds:.0f} s, "
           f"width {report.width_seconds:.0f} s")
@@ -81,12 +93,14 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
     settings = settings_from_args(ReconstructionSettings, args)
     settings.validate()
     out = ensure_free_output_dir(args.out)
-    model, tokenizer = load_or_convert(args.model, settings_from_args(LoadSettings, args))
-    state_dir = out.parent / f".{out.name}.reconstruct-state"
-    report = reconstruct(model, tokenizer, settings, state_dir=state_dir)
-    summary = json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2)
-    save_checkpoint(model, tokenizer, out, files={"reconstruction.json": summary})
-    shutil.rmtree(state_dir, ignore_errors=True)
+    with output_lock(out):
+        model, tokenizer = load_or_convert(args.model, settings_from_args(LoadSettings, args))
+        _check_seq_len(settings.seq_len, model.config)
+        state_dir = out.parent / f".{out.name}.reconstruct-state"
+        report = reconstruct(model, tokenizer, settings, state_dir=state_dir)
+        summary = json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2)
+        save_checkpoint(model, tokenizer, out, files={"reconstruction.json": summary})
+        shutil.rmtree(state_dir, ignore_errors=True)
     resumed = f", {len(report.resumed_layers)} resumed" if report.resumed_layers else ""
     print(f"reconstructed checkpoint written to {out}: {len(report.layers)} layers{resumed}, "
           f"dense states {report.cache_seconds:.0f} s, training {report.train_seconds:.0f} s")
@@ -110,10 +124,12 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
+    import contextlib
+    import os
     import shutil
 
     from ..pipeline.sources import load_or_convert
-    from ..training.finetune import check_data, finetune
+    from ..training.finetune import check_data, finetune, last_complete_checkpoint
 
     settings = settings_from_args(FinetuneSettings, args)
     settings.validate()
@@ -121,11 +137,20 @@ def _cmd_train(args: argparse.Namespace) -> None:
     trainer_settings.validate()
     out = ensure_free_output_dir(args.out)
     check_data(settings.data)
-    model, tokenizer = load_or_convert(args.model_dir, settings_from_args(LoadSettings, args))
-    work_dir = out.parent / f".{out.name}.train-work"
-    trainer = finetune(model, tokenizer, settings, work_dir, trainer_settings=trainer_settings)
-    if not trainer.is_world_process_zero():
-        return
-    save_checkpoint(model, tokenizer, out)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    # Under torchrun every rank runs this command, and rank 0 alone writes `out`: it alone holds the lock.
+    with output_lock(out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        model, tokenizer = load_or_convert(args.model_dir, settings_from_args(LoadSettings, args))
+        work_dir = out.parent / f".{out.name}.train-work"
+        fresh = not work_dir.exists()
+        try:
+            trainer = finetune(model, tokenizer, settings, work_dir, trainer_settings=trainer_settings)
+        except BaseException:
+            # The Trainer creates its output folder before it can fail; one without a checkpoint resumes nothing.
+            if fresh and last_complete_checkpoint(work_dir) is None:
+                shutil.rmtree(work_dir, ignore_errors=True)
+            raise
+        if not trainer.is_world_process_zero():
+            return
+        save_checkpoint(model, tokenizer, out)
+        shutil.rmtree(work_dir, ignore_errors=True)
     print(f"one-for-all checkpoint written to {out} ({settings.steps} steps, {model.config.smol_experts} experts)")

@@ -27,6 +27,7 @@ from ..io import ensure_free_output_dir, save_checkpoint, staged_checkpoint
 from ..placement import LoadSettings, input_device
 from ..plotting import png_figure
 from ..selection.calibrate import CalibrationSettings, calibrate
+from ..training.data import encode_documents, is_file_source
 from ..training.finetune import FinetuneSettings, TrainerSettings, finetune
 from ..training.self_generated import SEED_INSTRUCTIONS, generate_self_data
 from .sources import check_source, load_or_convert
@@ -109,7 +110,7 @@ class BuildSettings:
         if self.preset not in PRESETS:
             raise ValueError(f"unknown preset {self.preset!r}; choose from {', '.join(PRESETS)}")
         for path in [*(self.data or []), *([self.eval_data] if self.eval_data else [])]:
-            if not Path(path).is_file() or not os.access(path, os.R_OK):
+            if is_file_source(path) and (not Path(path).is_file() or not os.access(path, os.R_OK)):
                 raise FileNotFoundError(f"data file {path} does not exist or is not readable")
         if self.min_depth is not None and self.min_depth < 1:
             raise ValueError(f"min_depth must be >= 1, got {self.min_depth}")
@@ -280,9 +281,7 @@ def build(
     with state.main_process_first():
         base, tokenizer = convert_step(work, settings, load)
         data = data_step(work, settings, preset, base, tokenizer)
-        eval_ids = tokenizer(Path(data.eval_file).read_text(), add_special_tokens=False,
-                             return_tensors="pt")["input_ids"][0]
-        eval_ids = eval_ids[: preset.eval_tokens]
+        eval_ids = torch.tensor(encode_documents(tokenizer, [Path(data.eval_file).read_text()], preset.eval_tokens))
         model, tokenizer = calibrate_step(work, settings.calibration(data.calibration_file), base, tokenizer, load)
         del base
         shapes = eval_shapes(model.shape_space)

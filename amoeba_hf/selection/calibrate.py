@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..io import write_text_atomically
 from ..placement import input_device
+from ..training.data import is_file_source
 from .data import multiple_choice_prompts, text_blocks
 from .depth import (
     SCORES,
@@ -93,7 +94,7 @@ class CalibrationSettings:
         if self.data is None:
             raise ValueError("no calibration data: pass data (--data), a .txt or JSON/JSONL file with `text`")
         for path in (self.data, self.mc_data):
-            if path is not None and not Path(path).is_file():
+            if path is not None and is_file_source(path) and not Path(path).is_file():
                 raise FileNotFoundError(f"calibration file {path} does not exist")
         if self.samples < 1 or self.seq_len < 2:
             raise ValueError(f"need samples >= 1 and seq_len >= 2, got {self.samples} and {self.seq_len}")

@@ -30,7 +30,7 @@ from ..modeling.modeling_amoeba import LayerInputs
 from ..modeling.shape_space import Shape, ShapeSpace
 from ..placement import input_device
 from ..selection.data import text_blocks
-from .data import DataFields
+from .data import DataFields, is_file_source
 
 STATE_FILE = "state.json"
 
@@ -91,7 +91,7 @@ class ReconstructionSettings:
         if self.samples < len(self.data):
             raise ValueError(f"samples ({self.samples}) must be at least the number of data files ({len(self.data)})")
         for path in self.data:
-            if not Path(path).is_file():
+            if is_file_source(path) and not Path(path).is_file():
                 raise FileNotFoundError(f"reconstruction data {path} does not exist")
 
     def fingerprint(self, model) -> str:

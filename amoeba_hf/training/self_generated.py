@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..placement import input_device
-from .data import instruction_prompt
+from .data import encode_document, ensure_pad_token, instruction_prompt
 
 SEED_INSTRUCTIONS = (
     "Explain how photosynthesis works in simple terms.",
@@ -105,13 +105,14 @@ def generate_self_data(
         done = len(complete)
         path.write_text("".join(line + "\n" for line in complete))
     tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ensure_pad_token(tokenizer)
+    pad = tokenizer.pad_token_id
     model.eval()
     with path.open("a") as handle, tqdm(total=len(instructions), initial=done, desc="self-generated data") as bar:
         for start in range(done - done % batch_size, len(instructions), batch_size):
             batch = instructions[start : start + batch_size]
             prompts = [instruction_prompt(tokenizer, instruction, "", "auto") for instruction in batch]
-            inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+            inputs = tokenizer.pad({"input_ids": [encode_document(tokenizer, p) for p in prompts]}, return_tensors="pt")
             inputs = inputs.to(input_device(model))
             torch.manual_seed(seed + start)
             with torch.no_grad():
