@@ -1,7 +1,9 @@
 """What a checkpoint carries beside its weights, and the checks that make a broken checkpoint fail at load.
 
 `save_pretrained` records the sha256 of every weight file in `weights_sha256.json`; `from_pretrained` verifies it, so
-a file with flipped bytes is refused instead of loading silently wrong weights. A checkpoint without the record (saved
+a file with flipped bytes is refused instead of loading silently wrong weights. config.json records the digest of that
+record, so weight files of another stage (an uncalibrated model's weights and record copied into a calibrated folder,
+whose config.json says how the weights are permuted) are refused too. A checkpoint without the record (saved
 by other code) still gets a structural check of each safetensors file, which catches truncation. After loading,
 weights the config expects but the checkpoint lacks, or holds but the config does not describe (a config.json claiming
 7 layers over 6-layer weights), are refused too, instead of being filled with random values or dropped.
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from transformers.utils import cached_file
 
+CONFIG_FILE = "config.json"
 WEIGHT_HASHES_FILE = "weights_sha256.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
@@ -60,19 +63,33 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(hashes: dict[str, str]) -> str:
+    """One sha256 for a set of weight files, from their names and digests: what config.json records as
+    `weights_digest`."""
+    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+
+
 def record_weight_hashes(folder: str | os.PathLike) -> Path:
-    """Write `weights_sha256.json`: the sha256 of every safetensors file in `folder`."""
+    """Write `weights_sha256.json`: the sha256 of every safetensors file in `folder`, and their `weights_digest` into
+    the folder's config.json. config.json is written before the weights, so the digest is added to it afterwards."""
     folder = Path(folder)
     hashes = {path.name: file_sha256(path) for path in sorted(folder.glob("*.safetensors"))}
     path = folder / WEIGHT_HASHES_FILE
     write_text_atomically(path, json.dumps(hashes, indent=2, sort_keys=True) + "\n")
+    config_path = folder / CONFIG_FILE
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config["weights_digest"] = weights_digest(hashes)
+        write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def verify_weight_files(source: str | os.PathLike, load_kwargs: dict) -> None:
+def verify_weight_files(source: str | os.PathLike, load_kwargs: dict, expected_digest: str | None = None) -> None:
     """Refuse weight files of `source` (a folder or a Hub id) that differ from the hashes recorded at save, or that
-    are not whole safetensors files. Files are fetched with the download options of `from_pretrained`'s `load_kwargs`,
-    so loading then finds them in the cache.
+    are not whole safetensors files, or (given config.json's `expected_digest`) whose record is not the one
+    config.json was saved with. Without the record only the files' structure is checked: the record is what links
+    them to config.json. Files are fetched with the download options of `from_pretrained`'s `load_kwargs`, so
+    loading then finds them in the cache.
     """
     download = {key: load_kwargs[key] for key in DOWNLOAD_OPTIONS if key in load_kwargs}
 
@@ -96,9 +113,30 @@ def verify_weight_files(source: str | os.PathLike, load_kwargs: dict) -> None:
                     f"{name} of {source} is corrupt or truncated: its sha256 differs from the one recorded in "
                     f"{WEIGHT_HASHES_FILE} when it was saved; re-download the checkpoint or save it again"
                 )
+        found = weights_digest(hashes)
+        if expected_digest is not None and found != expected_digest:
+            raise CheckpointMismatchError(
+                f"the weights of {source} are not the ones this config.json was saved with: its weights_digest "
+                f"{expected_digest[:12]} names the weight files saved with it, {WEIGHT_HASHES_FILE} there digests to "
+                f"{found[:12]} (weights of another stage or model copied in); put back the weights saved with this "
+                "config.json, or the config.json saved with these weights"
+            )
         return
     for name in _weight_file_names(source, locate, load_kwargs.get("variant")):
         _check_safetensors_layout(_require(locate, name, source, "its weight index"), name, source)
+
+
+def saved_weights_digest(source: str | os.PathLike, load_kwargs: dict) -> str | None:
+    """The `weights_digest` in `source`'s config.json: None when it has none (saved by other code) or no config.json."""
+    download = {key: load_kwargs[key] for key in DOWNLOAD_OPTIONS if key in load_kwargs}
+    path = cached_file(source, CONFIG_FILE, _raise_exceptions_for_missing_entries=False, **download)
+    if path is None:
+        return None
+    try:
+        config = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+    return config.get("weights_digest") if isinstance(config, dict) else None
 
 
 def check_loading_info(source: str | os.PathLike, expected_keys: Iterable[str], loading_info: dict) -> None:

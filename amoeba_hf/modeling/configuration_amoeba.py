@@ -1,11 +1,18 @@
 """Configuration of the any-shape model: a Llama-style architecture plus the shape space it can be cut to."""
 
+import dataclasses
+from typing import Any
+
 from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig
 from transformers.models.llama.configuration_llama import LlamaConfig
 
 SUPPORTED_SOURCE_TYPES = ("llama", "mistral", "qwen2")
 WIDTH_MODES = ("uniform", "global")
 ATTENTION_UNITS = ("kv_groups", "query_heads")
+# What the stored weights mean: their layout (`attention_unit`) and the calibration results they carry. Calibration sets
+# them together with the weights, so a config.json value is never overridden by a keyword argument of `from_pretrained`.
+WEIGHT_LAYOUT_FIELDS = ("attention_unit", "width_mode", "bias_compensation")
 SMOL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUTO_MAP = {
     "AutoConfig": "configuration_amoeba.AmoebaConfig",
@@ -50,6 +57,12 @@ class AmoebaConfig(LlamaConfig):
 
     `base_model` (a Hub id) and `base_model_license` record where the weights came from: the model card written
     by `save_pretrained` cites them, so they must survive any number of save/load round trips.
+
+    `weights_digest` is written into config.json by `save_pretrained`: the digest of the weight files saved with it
+    (`checkpoint_files.weights_digest`), so that `from_pretrained` refuses weight files of another stage.
+
+    Keyword arguments of `from_pretrained` that name architecture or shape-space fields are built into the config
+    together with config.json's values, so they pass the same validation; `WEIGHT_LAYOUT_FIELDS` cannot be changed so.
     """
 
     model_type = "amoeba"
@@ -80,6 +93,24 @@ class AmoebaConfig(LlamaConfig):
     smol_exact_full_shape: bool = False
     depth: int | None = None
     width: int | float | None = None
+    weights_digest: str | None = None
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "AmoebaConfig | tuple[AmoebaConfig, dict]":
+        """Stock `from_dict`, but keyword arguments naming this architecture's fields join config.json's values
+        before the config is built: transformers would set them afterwards and skip validation."""
+        generic = {field.name for field in dataclasses.fields(PreTrainedConfig)}
+        own = {field.name: field for field in dataclasses.fields(cls) if field.name not in generic}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
+        built = super().from_dict({**config_dict, **overrides}, **kwargs)
+        for key in WEIGHT_LAYOUT_FIELDS:
+            saved = config_dict.get(key, own[key].default)
+            if key in overrides and overrides[key] != saved:
+                raise AmoebaConfigError(
+                    f"{key}={overrides[key]!r} cannot be set when loading: the saved {key}={saved!r} says what the "
+                    f"stored weights mean, and only calibration changes it (the calibrate stage, or permute_widths)"
+                )
+        return built
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -124,6 +155,8 @@ class AmoebaConfig(LlamaConfig):
             raise AmoebaConfigError(
                 f"attention_unit must be one of {', '.join(ATTENTION_UNITS)}, got {self.attention_unit!r}"
             )
+        if self.width_grid is not None and not self.width_grid:
+            raise AmoebaConfigError("width_grid must list at least one width, got []")
         for width in self.width_grid or ():
             if not self.min_width <= width <= 1.0:
                 raise AmoebaConfigError(f"width_grid value {width} is outside [min_width={self.min_width}, 1]")
@@ -179,4 +212,4 @@ class AmoebaConfig(LlamaConfig):
             )
 
 
-__all__ = ["ATTENTION_UNITS", "SUPPORTED_SOURCE_TYPES", "AmoebaConfig", "AmoebaConfigError"]
+__all__ = ["ATTENTION_UNITS", "SUPPORTED_SOURCE_TYPES", "WEIGHT_LAYOUT_FIELDS", "AmoebaConfig", "AmoebaConfigError"]

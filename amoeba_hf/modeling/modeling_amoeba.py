@@ -15,7 +15,14 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    GenerationMixin,
+    PreTrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
@@ -41,7 +48,13 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.hub import hf_api
 from transformers.utils.output_capturing import capture_outputs
 
-from .checkpoint_files import CALIBRATION_BUFFERS, check_loading_info, record_weight_hashes, verify_weight_files
+from .checkpoint_files import (
+    CALIBRATION_BUFFERS,
+    check_loading_info,
+    record_weight_hashes,
+    saved_weights_digest,
+    verify_weight_files,
+)
 from .configuration_amoeba import ATTENTION_UNITS, SMOL_TARGETS, SUPPORTED_SOURCE_TYPES, AmoebaConfig
 from .elastic_linear import ElasticLinear
 from .model_card import fill_repo_id, read_eval_rows, render_model_card, write_card
@@ -805,15 +818,23 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         """`PreTrainedModel.from_pretrained` that refuses a checkpoint it would otherwise load wrongly without a word.
 
         Before loading, each weight file is checked against the sha256 recorded when it was saved (or, for checkpoints
-        without that record, for truncation): `CorruptWeightsError`, an OSError. After loading, weights that config.json
-        expects but the checkpoint lacks, or holds but config.json does not describe, raise `CheckpointMismatchError`,
-        a ValueError. A caller passing `output_loading_info=True` gets the stock `(model, loading_info)` instead of that
-        second check, and judges the loading info itself.
+        without that record, for truncation): `CorruptWeightsError`, an OSError; weight files other than the ones
+        config.json was saved with (its `weights_digest`: another stage's weights copied in) raise
+        `CheckpointMismatchError`, a ValueError. After loading, weights that config.json expects but the checkpoint
+        lacks, or holds but config.json does not describe, raise `CheckpointMismatchError` too. A caller passing
+        `output_loading_info=True` gets the stock `(model, loading_info)` instead of that second check, and judges the
+        loading info itself. Keyword arguments naming config fields are validated with config.json's values (see
+        `AmoebaConfig.from_dict`).
         """
         return_loading_info = kwargs.pop("output_loading_info", False)
         from_files = kwargs.get("state_dict") is None and not kwargs.get("gguf_file")
         if pretrained_model_name_or_path is not None and from_files:
-            verify_weight_files(pretrained_model_name_or_path, kwargs)
+            config = kwargs.get("config")
+            if isinstance(config, PreTrainedConfig):
+                digest = getattr(config, "weights_digest", None)
+            else:
+                digest = saved_weights_digest(config or pretrained_model_name_or_path, kwargs)
+            verify_weight_files(pretrained_model_name_or_path, kwargs, digest)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )
