@@ -108,7 +108,7 @@ def test_bad_input_is_one_line(calibration_text, tmp_path, capsys):
     cases = [
         (["--data", str(calibration_text), "--steps", "0"], "steps must be >= 1, got 0"),
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
-        (["--data", str(calibration_text), "--samples", "1000"], "tokens, but 1000 samples"),
+        (["--data", str(calibration_text), "--samples", "1000", "--seq-len", "64"], "tokens, but 1000 samples"),
         (["--data", str(calibration_text), "--widths", "0.1"], "width 0.1 is outside [0.5, 1.0]"),
     ]
     for index, (arguments, message) in enumerate(cases):
