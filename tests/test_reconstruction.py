@@ -108,13 +108,13 @@ def test_bad_input_is_one_line(calibration_text, tmp_path, capsys):
     cases = [
         (["--data", str(calibration_text), "--steps", "0"], "steps must be >= 1, got 0"),
         (["--data", str(tmp_path / "missing.jsonl")], "missing.jsonl does not exist"),
-        (["--data", str(calibration_text), "--samples", "1000", "--seq-len", "64"], "tokens, but 1000 samples"),
+        (["--data", str(calibration_text), "--samples", "1000"], "tokens, but 1000 samples"),
         (["--data", str(calibration_text), "--widths", "0.1"], "width 0.1 is outside [0.5, 1.0]"),
     ]
     for index, (arguments, message) in enumerate(cases):
         out = tmp_path / f"out{index}"
         capsys.readouterr()
-        assert main(["reconstruct", str(source_dir), "--out", str(out), *arguments]) == 2
+        assert main(["reconstruct", str(source_dir), "--out", str(out), "--seq-len", "64", *arguments]) == 2
         error = capsys.readouterr().err
         last = error.rstrip("\n").rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]
         assert last.startswith("amoeba reconstruct: error: ") and message in last, error
