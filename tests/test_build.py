@@ -1,5 +1,6 @@
 """`amoeba build` end to end on a tiny model: completes, resumes after SIGINT/SIGKILL in every stage, bad input."""
 
+import json
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
+from safetensors.torch import load_file
 
 from amoeba_hf.cli import main
 
@@ -81,6 +83,31 @@ def test_interrupted_build_resumes_to_the_uninterrupted_result(tiny_source_dir, 
     if stage != "data":
         assert log.count("2/5 generate") == 1, "finished steps must not run again"
     assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
+
+
+def test_two_process_build_writes_the_checkpoint_of_the_one_process_build(tiny_source_dir, uninterrupted, tmp_path):
+    """`accelerate launch` on 2 CPU processes (gloo): the main process prepares while the other waits, both train
+    with half the per-device batch (same global batch as the reference), and only the main process saves."""
+    out = tmp_path / "build"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+              "29541", "-m", "amoeba_hf.cli"]
+    env = {k: v for k, v in os.environ.items() if k != "AMOEBA_BUILD_FAULT"} | {"OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*launch, *build_command(tiny_source_dir, out)[3:], "--per-device-train-batch-size", "1"],
+                            check=False, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["build"], "one checkpoint, no work folder or lock left"
+    assert "batch 1x1" in (out / "build.log").read_text()
+    two, one = load_file(out / "model.safetensors"), load_file(uninterrupted / "model.safetensors")
+    assert two.keys() == one.keys()
+    trained = [name for name in one if "lora_B" in name]
+    assert trained and max((one[name] != 0).sum().item() for name in trained) > 0
+    assert max((two[name] - one[name]).abs().max().item() for name in one) <= 1e-5
+    rows = {(r["model"], r["depth"], r["width"]): r["perplexity"]
+            for r in json.loads((out / "build_report.json").read_text())["rows"]}
+    reference = {(r["model"], r["depth"], r["width"]): r["perplexity"]
+                 for r in json.loads((uninterrupted / "build_report.json").read_text())["rows"]}
+    assert rows.keys() == reference.keys() and all(abs(rows[k] / reference[k] - 1) < 1e-4 for k in rows)
 
 
 def test_build_bad_input_is_one_line_and_overwrites_nothing(tiny_source_dir, tmp_path, capsys, monkeypatch):

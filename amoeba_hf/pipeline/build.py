@@ -272,7 +272,7 @@ def build(
     trainer_settings.validate()
     check_source(settings.model)
     out = ensure_free_output_dir(out)
-    state = PartialState(timeout=PREPARATION_TIMEOUT)
+    state = PartialState(cpu=not torch.accelerator.is_available(), timeout=PREPARATION_TIMEOUT)
     work = BuildWork(out.parent / f".{out.name}.build")
     started = time.perf_counter()
     torch.manual_seed(settings.seed)

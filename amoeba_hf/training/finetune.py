@@ -64,13 +64,16 @@ class TrainerSettings:
 
     def training_arguments(self) -> dict:
         """`TrainingArguments` fields; bf16 on by default where a GPU supports it, checkpointing non-reentrant (the
-        reentrant form cannot backpropagate once per shape through the same inputs)."""
+        reentrant form cannot backpropagate once per shape through the same inputs). `use_cpu` where there is no
+        accelerator: without it the Trainer treats `torchrun`/`accelerate launch` processes on CPUs as unrelated
+        single processes, each training alone."""
         self.validate()
         bf16 = self.bf16
         if bf16 is None:
             bf16 = not self.fp16 and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
         arguments = {"bf16": bf16, "fp16": self.fp16, "gradient_checkpointing": self.gradient_checkpointing,
-                     "dataloader_num_workers": self.dataloader_num_workers}
+                     "dataloader_num_workers": self.dataloader_num_workers,
+                     "use_cpu": not torch.accelerator.is_available()}
         if self.gradient_checkpointing:
             arguments["gradient_checkpointing_kwargs"] = {"use_reentrant": False}
         if self.tf32 is not None:
