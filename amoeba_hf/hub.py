@@ -26,6 +26,7 @@ from .modeling.checkpoint_files import (
     _require,
     _weight_file_names,
     check_loading_info,
+    saved_weights_digest,
     verify_weight_files,
 )
 from .modeling.configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
@@ -54,8 +55,9 @@ def check_push_folder(folder: str | os.PathLike) -> list[Path]:
     Refused, before anything reads a file's content: a symbolic link (the Hub stores files, not links, and a link could
     publish a file from outside the folder; a link inside it is refused too, so that the list is exactly the folder's
     own files) and anything that is not a regular file or folder. Then, as at load: config.json must be a valid
-    any-shape config (model_type "amoeba") or a plain `SUPPORTED_SOURCE_TYPES` config, the weight files must match
-    `weights_sha256.json` (or be whole safetensors files) and their tensor names and shapes must be those of the model
+    any-shape config (model_type "amoeba") or a plain `SUPPORTED_SOURCE_TYPES` config, the weight files (every shard
+    of a sharded checkpoint) must match `weights_sha256.json` (or be whole safetensors files), that record must be the
+    one config.json was saved with (its `weights_digest`), and their tensor names and shapes must be those of the model
     the config builds. Hidden files and folders and `__pycache__` are neither checked nor uploaded.
     Raises `PushRefusedError` or `CheckpointMismatchError` (ValueErrors) or `CorruptWeightsError` (an OSError).
     """
@@ -64,7 +66,7 @@ def check_push_folder(folder: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(f"{folder} is not a checkpoint folder (it has no config.json)")
     files = _regular_files(folder)
     config = _checked_config(folder)
-    verify_weight_files(folder, {})
+    verify_weight_files(folder, {}, saved_weights_digest(folder, {}))
     _check_weights_match_config(folder, config)
     return files
 

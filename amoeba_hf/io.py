@@ -4,17 +4,46 @@ One process writes an output at a time (`output_lock`), so the staging folders o
 are leftovers of a killed run, and are removed.
 """
 
+import errno
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils.hub import convert_file_size_to_int
 
 from .modeling.checkpoint_files import write_text_atomically
+
+
+DEFAULT_MAX_SHARD_SIZE = "5GB"
+
+
+@dataclass
+class SaveSettings:
+    """How a command writes its checkpoint: the `--max-shard-size` of every command that saves one."""
+
+    max_shard_size: str = field(
+        default=DEFAULT_MAX_SHARD_SIZE,
+        metadata={"help": "largest weight file; a bigger model is saved as model-0000X-of-0000N.safetensors shards "
+                          "with model.safetensors.index.json (transformers' max_shard_size), e.g. 5GB, 500MB"},
+    )
+
+    def validate(self) -> None:
+        """Refuse a size transformers cannot read (or not above zero) before any work, not after it."""
+        try:
+            size = convert_file_size_to_int(self.max_shard_size)
+        except ValueError:
+            size = None
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError(
+                f"--max-shard-size must be a positive size such as 5GB, 500MB or 2000000 (bytes), got "
+                f"{self.max_shard_size!r}"
+            )
 
 
 class OutputLockedError(OSError):
@@ -42,16 +71,18 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
     if path in _held_locks:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     locked = {}
     lock = FileLock(path, timeout=0, on_acquired=lambda fd: locked.update(stat=os.fstat(fd)))
     busy = OutputLockedError(
         f"another amoeba process is writing {out} (lock {lock_file(out)}); wait for it or choose another --out"
     )
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except Timeout:
         raise busy from None
+    except PermissionError:
+        raise _not_writable(Path(out)) from None
     try:
         if not path.exists() or not os.path.samestat(path.stat(), locked["stat"]):
             raise busy
@@ -65,6 +96,23 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
         lock.release()
 
 
+def _not_writable(out: Path) -> PermissionError:
+    """A permission error that names the output and its folder, not the hidden lock or staging path that hit it."""
+    return PermissionError(f"cannot write {out}: permission denied in {out.parent}; choose a folder you can write to")
+
+
+def disk_full(error: BaseException, out: str | os.PathLike) -> OSError | None:
+    """A one-line error for a write that ran out of disk space (safetensors reports it in its own exception type,
+    numpy's tofile as 'N requested and M written'); None for any other error."""
+    text = str(error)
+    full = (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in text
+    if not full and not (isinstance(error, OSError) and "requested and" in text and "written" in text):
+        return None
+    out = Path(out)
+    return OSError(f"no space left on the device holding {out.parent} while writing {out.name}; free space or "
+                   "choose another location")
+
+
 def _staging_prefix(out: Path) -> str:
     """Staging folders of `out` are `.NAME.staging-XXXX`, unlike the resumable work folders beside it
     (`.NAME.train-work`, `.NAME.build`), which must survive a killed run."""
@@ -72,11 +120,16 @@ def _staging_prefix(out: Path) -> str:
 
 
 def _remove_stale_staging(out: Path) -> None:
-    """Staging folders that a killed writer of `out` left (the caller holds the lock, so no live run owns one)."""
+    """Staging folders (or files) that a killed writer of `out` left (the caller holds the lock, so no live run owns
+    one)."""
     prefix = _staging_prefix(out)
     for path in out.parent.iterdir():
-        if path.name.startswith(prefix) and path.is_dir() and not path.is_symlink():
+        if not path.name.startswith(prefix) or path.is_symlink():
+            continue
+        if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file():  # the temporary file of a single-file output (a GGUF file)
+            path.unlink(missing_ok=True)
 
 
 def ensure_free_output_dir(out: str | os.PathLike) -> Path:
@@ -96,7 +149,10 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
     out = ensure_free_output_dir(out)
     with output_lock(out):
         _remove_stale_staging(out)
-        staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out), dir=out.parent))
+        try:
+            staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(out), dir=out.parent))
+        except PermissionError:
+            raise _not_writable(out) from None
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)
@@ -105,8 +161,11 @@ def atomic_directory(out: str | os.PathLike) -> Iterator[Path]:
             if out.exists():
                 out.rmdir()
             os.replace(staging, out)
-        except BaseException:
+        except BaseException as error:
             shutil.rmtree(staging, ignore_errors=True)
+            full = disk_full(error, out)
+            if full is not None:
+                raise full from None
             raise
 
 
@@ -116,15 +175,18 @@ def staged_checkpoint(
     tokenizer: PreTrainedTokenizerBase,
     out: str | os.PathLike,
     files: Mapping[str, str] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Iterator[Path]:
     """A staging folder with `files`, the model and its tokenizer, yielded for more files, then renamed to `out`.
 
     `files` (name -> text) are written before the model, so that the model card sees e.g. `amoeba_eval.json`.
+    Weights larger than `max_shard_size` are split into shards with an index (`save_pretrained`'s own mechanism), in
+    the model's own dtype.
     """
     with atomic_directory(out) as staging:
         for name, text in (files or {}).items():
             (staging / name).write_text(text, encoding="utf-8")
-        model.save_pretrained(staging)
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
         tokenizer.save_pretrained(staging)
         yield staging
 
@@ -134,15 +196,19 @@ def save_checkpoint(
     tokenizer: PreTrainedTokenizerBase,
     out: str | os.PathLike,
     files: Mapping[str, str] | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Save a model, its tokenizer and `files` (name -> text) into the new folder `out`, all or nothing."""
-    with staged_checkpoint(model, tokenizer, out, files):
+    """Save a model, its tokenizer and `files` (name -> text) into the new folder `out`, all or nothing; weights
+    larger than `max_shard_size` are sharded."""
+    with staged_checkpoint(model, tokenizer, out, files, max_shard_size):
         pass
     return Path(out)
 
 
 __all__ = [
+    "DEFAULT_MAX_SHARD_SIZE",
     "OutputLockedError",
+    "SaveSettings",
     "atomic_directory",
     "ensure_free_output_dir",
     "lock_file",

@@ -3,6 +3,7 @@ and the device its inputs must be on."""
 
 import os
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -12,7 +13,11 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 @dataclass
 class LoadSettings:
-    """How a command loads its model, passed to transformers' own `from_pretrained(dtype=..., device_map=...)`."""
+    """How a command loads its model, passed to transformers' own `from_pretrained(dtype=..., device_map=...)`.
+
+    Where the weights go does not change the result: only `dtype` is in the resume fingerprint."""
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("device", "device_map")
 
     dtype: str = field(
         default="auto",
@@ -33,6 +38,7 @@ class LoadSettings:
                 torch.device(self.device)
             except RuntimeError as error:
                 raise ValueError(f"--device {self.device!r} is not a device name (e.g. cpu, cuda, cuda:1)") from error
+            check_device(self.device)
 
     def from_pretrained_kwargs(self) -> dict:
         """`dtype` and `device_map` for `from_pretrained`; when nothing was asked, this process's GPU if there is one
@@ -45,9 +51,24 @@ class LoadSettings:
         return {"dtype": dtype} if device_map is None else {"dtype": dtype, "device_map": device_map}
 
 
+def check_device(name: str) -> None:
+    """Refuse a device this machine lacks (torch would fail later with an assertion about how it was compiled)."""
+    device = torch.device(name)
+    if device.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, device.type, None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        raise ValueError(f"--device {name}: this machine has no {device.type} device that torch can use; "
+                         "use --device cpu")
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(f"--device {name}: this machine has {count} {device.type} device(s), "
+                         f"{device.type}:0..{device.type}:{count - 1}")
+
+
 def input_device(model: nn.Module) -> torch.device:
     """Where token ids must go: the input embedding's device (the first of several under a device map)."""
     return model.get_input_embeddings().weight.device
 
 
-__all__ = ["DTYPES", "LoadSettings", "input_device"]
+__all__ = ["DTYPES", "LoadSettings", "check_device", "input_device"]

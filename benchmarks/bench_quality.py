@@ -65,10 +65,11 @@ class Step:
 
 
 CONVERT = Step("base", ("convert",))  # shared by the recipes, not counted in their minutes
-CALIBRATE_BI = Step("cal_bi", ("calibrate", "--data", C4, "--widths", WIDTHS, "--depth-method", "block-influence"),
-                    "base")
+CALIBRATION = ("calibrate", "--data", C4, "--widths", WIDTHS, "--depth-method", "block-influence")
+CALIBRATE_BI = Step("cal_bi", (*CALIBRATION, "--no-depth-bridges"), "base")  # the recipes of issue 13: no bridges
 CALIBRATE_QH = Step("cal_qh", (*CALIBRATE_BI.args, "--attention-unit", "query_heads"), "base")
 CALIBRATE_QH_GLOBAL = Step("cal_qh_global", (*CALIBRATE_QH.args, "--width-mode", "global"), "base")
+CALIBRATE_BRIDGES = Step("cal_bi_bridges", (*CALIBRATION, "--depth-bridges"), "base")
 FINAL = Step("final", ("build", "--preset", "standard", "--data", C4, ALPACA))
 
 
@@ -80,6 +81,7 @@ def train(name: str, source: str, *extra: str) -> Step:
 
 RECIPES: dict[str, tuple[Step, ...]] = {
     "no_recovery": (CALIBRATE_BI,),
+    "bridges": (CALIBRATE_BRIDGES,),
     "query_heads": (CALIBRATE_QH,),
     "query_heads_global": (CALIBRATE_QH_GLOBAL,),
     "reconstruction": (CALIBRATE_BI, Step("recon", ("reconstruct", "--data", C4, "--samples", "8", "--steps", "16",
@@ -94,6 +96,7 @@ RECIPES: dict[str, tuple[Step, ...]] = {
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
+    "bridges": "no recovery + depth bridges (a least-squares map per removed span, merged into down_proj; issue 22)",
     "query_heads": "lever 1: query heads inside KV groups (uniform widths), no recovery",
     "query_heads_global": "lever 1: query heads inside KV groups, global widths (FLAP), no recovery",
     "reconstruction": "lever 2: local reconstruction (`amoeba reconstruct`, 8 C4 blocks, 16 steps per layer)",

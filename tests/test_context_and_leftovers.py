@@ -157,5 +157,5 @@ def test_a_train_refused_by_the_trainer_leaves_no_work_folder_but_keeps_earlier_
     state = tmp_path / ".out.train-work" / "checkpoint-1"
     state.mkdir(parents=True)
     code, _, err = run_cli(args, capsys)
-    assert_one_line_error(code, err, "train", "refused by the Trainer")
+    assert_one_line_error(code, err, "train", ".out.train-work holds an interrupted run")
     assert leftovers(tmp_path) == [".out.train-work"] and state.is_dir()

@@ -20,21 +20,22 @@ from amoeba_hf.training.finetune import FinetuneSettings
 # Every flag of these commands before their flags were generated from the settings (`amoeba COMMAND --help`), plus
 # where and in which dtype the model loads, and the Trainer's own flags at scale (their TrainingArguments names).
 LOAD_FLAGS = " --dtype --device --device-map"
+SAVE_FLAGS = " --max-shard-size"  # the shard size of the checkpoint a command writes
 TRAINER_FLAGS = (" --bf16 --no-bf16 --fp16 --tf32 --no-tf32 --gradient-checkpointing --fsdp --fsdp-config --deepspeed "
                  "--dataloader-num-workers")
 KNOWN_FLAGS = {
     "calibrate": "--data --out --score --mc-data --min-depth --widths --samples --seq-len --keep-last --keep-first "
-                 "--depth-method --width-method --width-mode --attention-unit --no-bias-compensation --seed"
-                 + LOAD_FLAGS,
+                 "--depth-method --width-method --width-mode --attention-unit --no-bias-compensation --seed "
+                 "--depth-bridges --no-depth-bridges --bridge-ridge" + LOAD_FLAGS + SAVE_FLAGS,
     "train": "--data --out --steps --batch-size --grad-accum --lr --lr-schedule --max-prompt-tokens "
              "--max-response-tokens --experts "
              "--top-k --rank --random-shapes --widths --no-distillation --teacher --no-balancing --no-router-noise "
              "--train-base --save-steps --seed --per-device-train-batch-size --gradient-accumulation-steps"
-             + TRAINER_FLAGS + LOAD_FLAGS,
+             + TRAINER_FLAGS + LOAD_FLAGS + SAVE_FLAGS,
     "eval": "--shapes --tasks --data-dir --out --limit --mmlu-limit --seed --ppl-window --ppl-stride --ppl-tokens "
             "--batch-size" + LOAD_FLAGS,
     "build": "--model --data --eval-data --preset --out --min-depth --steps --generated-tokens --seed --batch-size "
-             "--per-device-train-batch-size" + TRAINER_FLAGS + LOAD_FLAGS,
+             "--per-device-train-batch-size" + TRAINER_FLAGS + LOAD_FLAGS + SAVE_FLAGS,
     "profile": "--shapes --modes --prompt-lengths --batch-sizes --new-tokens --repeats --threads --dtype --device",
 }
 

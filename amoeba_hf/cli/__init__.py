@@ -11,6 +11,7 @@ import traceback
 import types
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 
@@ -25,6 +26,9 @@ def load_checkpoint(path: str, **kwargs):
 
     from ..pipeline.sources import local_model_folder, local_model_type
 
+    if str(path).lower().endswith(".gguf") and Path(path).is_file():
+        raise UserError(f"{path} is a GGUF file, not an any-shape checkpoint; convert it with "
+                        f"`amoeba convert {path} --out FOLDER` and use that folder")
     folder = local_model_folder(path)
     if folder is not None:
         _check_any_shape(path, local_model_type(folder))
@@ -170,6 +174,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             traceback.print_exc()
         message = " ".join(str(error).split()) if isinstance(error, StrictDataclassFieldValidationError) else error
+        if isinstance(error, ValueError) and str(error).startswith("Couldn't instantiate the backend tokenizer"):
+            # transformers' advice (install sentencepiece) does not apply: the folder has no tokenizer files at all.
+            model = getattr(args, "model_dir", None) or getattr(args, "model", None) or "the model"
+            message = (f"found no tokenizer for {model} (no tokenizer.json or other tokenizer files); copy the "
+                       "tokenizer files of its source model into the folder")
         print(f"amoeba {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

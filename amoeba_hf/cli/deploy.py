@@ -1,12 +1,13 @@
 """`amoeba profile` (speed and memory of shapes on this device) and `amoeba search` (the best shape in a budget)."""
 
 import argparse
+import re
 import sys
 
 from transformers import PretrainedConfig
 
 from ..deploy.profile import ProfileSettings
-from ..io import ensure_free_output_dir, save_checkpoint
+from ..io import SaveSettings, ensure_free_output_dir, save_checkpoint
 from . import UserError, add_command, add_settings_arguments, load_checkpoint, settings_from_args
 
 
@@ -56,9 +57,15 @@ def _load_for_profiling(args: argparse.Namespace):
     """The checkpoint in the dtype, on the device and with the CPU threads that its measurements are keyed by."""
     import torch
 
+    from ..placement import check_device
+
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        check_device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
     model = load_checkpoint(args.model_dir, dtype=getattr(torch, args.dtype))
     return model.to(device).eval()
 
@@ -103,6 +110,9 @@ def _register_search(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-memory-gb", type=float, default=None,
                         help="weights + activations + KV cache at --batch-size (the runtime not included)")
     parser.add_argument("--max-params", default=None, help="parameter count, e.g. 90M or 1.5B")
+    # argparse takes '-5M' for an option (only plain numbers may start with '-'), so a negative count would be
+    # reported as a missing value; let it reach the budget check, which says what is valid.
+    parser._negative_number_matcher = re.compile(r"^-\d+$|^-\d*\.\d+$|^-\d*\.?\d+[KMBkmb]$")
     quality = parser.add_mutually_exclusive_group()
     quality.add_argument("--results", default=None, help="amoeba eval --out results: their shapes are the candidates")
     quality.add_argument("--data-dir", default=None,
@@ -115,6 +125,7 @@ def _register_search(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=1, help="batch size the budget refers to (default: 1)")
     parser.add_argument("--plot", default=None, help="frontier PNG (default: MODEL_DIR/amoeba_frontier.png)")
     parser.add_argument("--export", default=None, metavar="OUT", help="export the chosen shape to this new folder")
+    add_settings_arguments(parser, SaveSettings)
     _add_profile_args(parser)
 
 
@@ -146,6 +157,8 @@ def _cmd_search(args: argparse.Namespace) -> None:
                         "quick evaluation")
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise UserError(f"--data-dir {args.data_dir} is not a folder")
+    save = settings_from_args(SaveSettings, args)
+    save.validate()
     if args.export is not None:
         ensure_free_output_dir(args.export)
     quality = stored_quality(args.results, args.metric) if args.results is not None else None
@@ -165,5 +178,5 @@ def _cmd_search(args: argparse.Namespace) -> None:
     print(f"frontier plot: {plot}")
     if args.export is not None:
         subnet = model.export_subnet(result.best.depth, result.best.width)
-        save_checkpoint(subnet, tokenizer, args.export)
+        save_checkpoint(subnet, tokenizer, args.export, max_shard_size=save.max_shard_size)
         print(f"exported {type(subnet).__name__} ({subnet.num_parameters():,} parameters) to {args.export}")

@@ -36,6 +36,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
 
     from ..evaluation.report import format_table, plot_frontier, write_csv
     from ..evaluation.runner import evaluate_shapes
+    from ..fingerprint import source_identity
     from ..modeling.shape_space import parse_shapes
 
     settings = settings_from_args(EvalSettings, args)
@@ -50,7 +51,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     if any(_is_perplexity_task(name) for name in tasks):
         settings.validate(getattr(model.config, "max_position_embeddings", None))
     results = evaluate_shapes(model, tokenizer, shapes, tasks, settings, model_name=args.model_dir,
-                              out=out, batch_size=args.batch_size)
+                              out=out, batch_size=args.batch_size, model_identity=source_identity(args.model_dir))
     write_csv(results, out.with_suffix(".csv"))
     plot_frontier(results, out.with_suffix(".png"))
     print(format_table(results))

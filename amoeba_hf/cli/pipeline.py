@@ -1,8 +1,10 @@
 """`amoeba build` (the whole pipeline) and `amoeba convert` (a source model into an any-shape checkpoint)."""
 
 import argparse
+import contextlib
+import os
 
-from ..io import ensure_free_output_dir, output_lock, save_checkpoint
+from ..io import SaveSettings, ensure_free_output_dir, output_lock, save_checkpoint
 from ..pipeline.build import BuildSettings
 from ..placement import LoadSettings
 from ..training.finetune import TrainerSettings
@@ -26,13 +28,19 @@ def _register_build(commands: argparse._SubParsersAction) -> None:
     add_settings_arguments(parser, BuildSettings)
     add_settings_arguments(parser, TrainerSettings)
     add_settings_arguments(parser, LoadSettings)
+    add_settings_arguments(parser, SaveSettings)
 
 
 def _cmd_build(args: argparse.Namespace) -> None:
     from ..pipeline.build import build, format_report
 
-    report = build(settings_from_args(BuildSettings, args), args.out,
-                   load=settings_from_args(LoadSettings, args), trainer_settings=settings_from_args(TrainerSettings, args))
+    # The lock covers the whole run (its work folder included), not only the final write: a second build of the same
+    # --out is refused at once instead of resuming the same work folder. Under `accelerate launch` every process runs
+    # this command and the main one (RANK 0) alone writes `out`, so it alone holds the lock.
+    with output_lock(args.out) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        report = build(settings_from_args(BuildSettings, args), args.out, load=settings_from_args(LoadSettings, args),
+                       trainer_settings=settings_from_args(TrainerSettings, args),
+                       save=settings_from_args(SaveSettings, args))
     if report is None:
         return
     print(format_report(report))
@@ -52,17 +60,20 @@ def _register_convert(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-depth", type=int, default=None, help="smallest depth (default: half the layers)")
     parser.add_argument("--min-width", type=float, default=0.5, help="smallest width (default: 0.5)")
     add_settings_arguments(parser, LoadSettings)
+    add_settings_arguments(parser, SaveSettings)
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
     from ..pipeline.sources import convert_source, load_tokenizer
 
+    save = settings_from_args(SaveSettings, args)
+    save.validate()
     ensure_free_output_dir(args.out)
     with output_lock(args.out):
         model = convert_source(args.model, settings_from_args(LoadSettings, args), min_depth=args.min_depth,
                                min_width=args.min_width)
         tokenizer = load_tokenizer(args.model)
-        save_checkpoint(model, tokenizer, args.out)
+        save_checkpoint(model, tokenizer, args.out, max_shard_size=save.max_shard_size)
     print(f"saved any-shape checkpoint to {args.out} ({model.num_parameters():,} parameters, "
           f"depths {model.shape_space.min_depth}..{model.shape_space.num_layers}, widths "
           f"[{model.shape_space.min_width}, 1])")

@@ -1,11 +1,12 @@
 """`amoeba shapes`, `generate`, `export` and `push`: look at, run, cut out and publish shapes of a checkpoint."""
 
 import argparse
+import contextlib
 import tempfile
 from pathlib import Path
 
 from ..deploy.gguf import GGUF_DTYPES, write_gguf
-from ..io import ensure_free_output_dir, save_checkpoint
+from ..io import DEFAULT_MAX_SHARD_SIZE, SaveSettings, ensure_free_output_dir, output_lock, save_checkpoint
 from ..placement import LoadSettings, input_device
 from . import UserError, add_command, add_settings_arguments, load_checkpoint, settings_from_args
 
@@ -70,6 +71,12 @@ def _cmd_generate(args: argparse.Namespace) -> None:
 
     if not args.prompt.strip():
         raise UserError("--prompt is empty; give the text to answer or continue")
+    try:
+        args.prompt.encode("utf-8")
+    except UnicodeEncodeError as error:
+        # The shell passed bytes that are not UTF-8: Python keeps them as lone surrogates, which no tokenizer takes.
+        raise UserError(f"--prompt is not valid UTF-8 text (byte 0x{ord(error.object[error.start]) & 0xFF:02x} at "
+                        f"character {error.start}); give the prompt as UTF-8") from None
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model = load_checkpoint(args.model_dir, **settings_from_args(LoadSettings, args).from_pretrained_kwargs()).eval()
@@ -127,27 +134,43 @@ def _register_export(commands: argparse._SubParsersAction) -> None:
     destination.add_argument("--adapter", metavar="DIR", help="new folder: the plain subnet without the shape's LoRA, "
                              "plus that LoRA as a peft adapter in DIR/adapter")
     parser.add_argument("--gguf-dtype", default="f32", choices=GGUF_DTYPES, help="GGUF tensor type (default: f32)")
+    add_settings_arguments(parser, SaveSettings)
     _add_hub_args(parser)
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
-    from transformers import AutoTokenizer
-
     if args.push is None and (args.private or args.revision or args.exist_ok or args.dry_run):
         raise UserError("--private, --revision, --exist-ok and --dry-run apply only with --push REPO_ID")
+    if args.push is not None:
+        _check_repo_id(args.push)
     if args.gguf is None and args.gguf_dtype != "f32":
         raise UserError("--gguf-dtype applies only with --gguf FILE")
+    if args.gguf is not None and args.max_shard_size != DEFAULT_MAX_SHARD_SIZE:
+        raise UserError("--max-shard-size applies only with --out, --push or --adapter (a GGUF file is one file)")
+    save = settings_from_args(SaveSettings, args)
+    save.validate()
     for folder in (args.out, args.adapter):
         if folder is not None:
             ensure_free_output_dir(folder)
     if args.gguf is not None and Path(args.gguf).exists():
         raise UserError(f"--gguf {args.gguf} already exists; choose a new file name")
+    # The lock covers the whole run, not only the final write: a second export to the same output is refused before
+    # it loads anything, and the stale staging files of a killed export are swept while no other writer can own them.
+    target = args.out or args.adapter or args.gguf
+    with output_lock(target) if target is not None else contextlib.nullcontext():
+        _export(args, save)
+
+
+def _export(args: argparse.Namespace, save: SaveSettings) -> None:
+    from transformers import AutoTokenizer
+
     model = load_checkpoint(args.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     if args.adapter is not None:
         from ..deploy.peft_adapter import export_adapter
 
-        folder = export_adapter(model, args.depth, args.width, args.adapter, tokenizer=tokenizer)
+        folder = export_adapter(model, args.depth, args.width, args.adapter, tokenizer=tokenizer,
+                                max_shard_size=save.max_shard_size)
         print(f"exported shape {args.depth}x{args.width:g} to {folder} (plain subnet) and {folder / 'adapter'} "
               "(peft LoRA)")
         return
@@ -159,11 +182,11 @@ def _cmd_export(args: argparse.Namespace) -> None:
         return
     description = f"{type(subnet).__name__} ({subnet.num_parameters():,} parameters)"
     if args.out is not None:
-        save_checkpoint(subnet, tokenizer, args.out)
+        save_checkpoint(subnet, tokenizer, args.out, max_shard_size=save.max_shard_size)
         print(f"exported {description} to {args.out}")
         return
     with tempfile.TemporaryDirectory() as staging:
-        folder = save_checkpoint(subnet, tokenizer, Path(staging) / "subnet")
+        folder = save_checkpoint(subnet, tokenizer, Path(staging) / "subnet", max_shard_size=save.max_shard_size)
         commit = _push(folder, args, f"Upload subnet depth={args.depth} width={args.width:g} of {args.model_dir}")
     if commit is not None:
         print(f"exported {description} to {_pushed_to(commit, args)}")
@@ -181,7 +204,19 @@ def _register_push(commands: argparse._SubParsersAction) -> None:
     _add_hub_args(parser)
 
 
+def _check_repo_id(repo_id: str) -> None:
+    """A malformed repo id is the first thing to report, before the token, the folder checks or any work."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        reason = str(error).replace(" Use `repo_type` argument if needed.", "")
+        raise UserError(f"{repo_id!r} is not a valid Hub repo id (your-name/model-name): {reason}") from None
+
+
 def _cmd_push(args: argparse.Namespace) -> None:
+    _check_repo_id(args.push)
     commit = _push(args.model_dir, args)
     if commit is not None:
         print(f"pushed {args.model_dir} to {_pushed_to(commit, args)}")

@@ -4,7 +4,8 @@ import argparse
 
 from transformers import PretrainedConfig
 
-from ..io import ensure_free_output_dir, output_lock, save_checkpoint
+from ..fingerprint import source_identity
+from ..io import SaveSettings, ensure_free_output_dir, output_lock, save_checkpoint
 from ..placement import LoadSettings
 from ..selection.calibrate import CalibrationSettings
 from ..training.finetune import FinetuneSettings, TrainerSettings
@@ -39,6 +40,7 @@ def _register_calibrate(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="new folder for the calibrated checkpoint")
     add_settings_arguments(parser, CalibrationSettings)
     add_settings_arguments(parser, LoadSettings)
+    add_settings_arguments(parser, SaveSettings)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> None:
@@ -52,15 +54,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> None:
     out = ensure_free_output_dir(args.out)
     settings = settings_from_args(CalibrationSettings, args)
     settings.validate()
+    save = settings_from_args(SaveSettings, args)
+    save.validate()
     with output_lock(out):
         model, tokenizer = load_or_convert(args.model, settings_from_args(LoadSettings, args),
                                            min_depth=settings.min_depth)
         settings.validate(model.config.num_hidden_layers)
         _check_seq_len(settings.seq_len, model.config)
         state_dir = out.parent / f".{out.name}.calibrate-state"
-        report = calibrate(model, tokenizer, settings, state_dir=state_dir)
+        report = calibrate(model, tokenizer, settings, state_dir=state_dir, model_identity=source_identity(args.model))
         calibration = json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2)
-        save_checkpoint(model, tokenizer, out, files={"calibration.json": calibration})
+        save_checkpoint(model, tokenizer, out, files={"calibration.json": calibration},
+                        max_shard_size=save.max_shard_size)
         shutil.rmtree(state_dir, ignore_errors=True)
     print(f"calibrated checkpoint written to {out}: {report.evaluations} DP evaluations, "
           f"{report.layer_forwards} layer-forwards, depth {report.depth_seconds:.0f} s, "
@@ -80,6 +85,7 @@ def _register_reconstruct(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", required=True, help="new folder for the reconstructed checkpoint")
     add_settings_arguments(parser, ReconstructionSettings)
     add_settings_arguments(parser, LoadSettings)
+    add_settings_arguments(parser, SaveSettings)
 
 
 def _cmd_reconstruct(args: argparse.Namespace) -> None:
@@ -92,14 +98,18 @@ def _cmd_reconstruct(args: argparse.Namespace) -> None:
 
     settings = settings_from_args(ReconstructionSettings, args)
     settings.validate()
+    save = settings_from_args(SaveSettings, args)
+    save.validate()
     out = ensure_free_output_dir(args.out)
     with output_lock(out):
         model, tokenizer = load_or_convert(args.model, settings_from_args(LoadSettings, args))
         _check_seq_len(settings.seq_len, model.config)
         state_dir = out.parent / f".{out.name}.reconstruct-state"
-        report = reconstruct(model, tokenizer, settings, state_dir=state_dir)
+        report = reconstruct(model, tokenizer, settings, state_dir=state_dir,
+                             model_identity=source_identity(args.model))
         summary = json.dumps({"settings": asdict(settings), **asdict(report)}, indent=2)
-        save_checkpoint(model, tokenizer, out, files={"reconstruction.json": summary})
+        save_checkpoint(model, tokenizer, out, files={"reconstruction.json": summary},
+                        max_shard_size=save.max_shard_size)
         shutil.rmtree(state_dir, ignore_errors=True)
     resumed = f", {len(report.resumed_layers)} resumed" if report.resumed_layers else ""
     print(f"reconstructed checkpoint written to {out}: {len(report.layers)} layers{resumed}, "
@@ -121,6 +131,7 @@ def _register_train(commands: argparse._SubParsersAction) -> None:
     add_settings_arguments(parser, FinetuneSettings)
     add_settings_arguments(parser, TrainerSettings)
     add_settings_arguments(parser, LoadSettings)
+    add_settings_arguments(parser, SaveSettings)
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
@@ -135,6 +146,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
     settings.validate()
     trainer_settings = settings_from_args(TrainerSettings, args)
     trainer_settings.validate()
+    save = settings_from_args(SaveSettings, args)
+    save.validate()
     out = ensure_free_output_dir(args.out)
     check_data(settings.data)
     # Under torchrun every rank runs this command, and rank 0 alone writes `out`: it alone holds the lock.
@@ -143,7 +156,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
         work_dir = out.parent / f".{out.name}.train-work"
         fresh = not work_dir.exists()
         try:
-            trainer = finetune(model, tokenizer, settings, work_dir, trainer_settings=trainer_settings)
+            trainer = finetune(model, tokenizer, settings, work_dir, trainer_settings=trainer_settings,
+                               model_identity=source_identity(args.model_dir))
         except BaseException:
             # The Trainer creates its output folder before it can fail; one without a checkpoint resumes nothing.
             if fresh and last_complete_checkpoint(work_dir) is None:
@@ -151,6 +165,6 @@ def _cmd_train(args: argparse.Namespace) -> None:
             raise
         if not trainer.is_world_process_zero():
             return
-        save_checkpoint(model, tokenizer, out)
+        save_checkpoint(model, tokenizer, out, max_shard_size=save.max_shard_size)
         shutil.rmtree(work_dir, ignore_errors=True)
     print(f"one-for-all checkpoint written to {out} ({settings.steps} steps, {model.config.smol_experts} experts)")

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from transformers import LlamaForCausalLM, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 from transformers.utils import logging
 
+from ..io import _not_writable, _remove_stale_staging, _staging_prefix, disk_full, output_lock
+
 logger = logging.get_logger(__name__)
 
 GGUF_DTYPES = ("f32", "f16", "q8_0")
@@ -95,7 +97,18 @@ def write_gguf(
     config = subnet.config
     plan = _plan_tensors(subnet, dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with output_lock(path):
+        # A killed writer's temporary file carries the target's staging prefix; holding the lock, none is alive.
+        _remove_stale_staging(path)
+        _write_gguf_file(path, plan, config, tokenizer, dtype, name)
+    return path
+
+
+def _write_gguf_file(path: Path, plan: list, config, tokenizer, dtype: str, name: str | None) -> None:
+    try:
+        handle, temporary = tempfile.mkstemp(prefix=_staging_prefix(path), suffix=".tmp", dir=path.parent)
+    except PermissionError:
+        raise _not_writable(path) from None
     os.close(handle)
     umask = os.umask(0)
     os.umask(umask)
@@ -121,10 +134,12 @@ def write_gguf(
             writer.write_tensor_data(_convert(tensor))
         writer.close()
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
+        full = disk_full(error, path)
+        if full is not None:
+            raise full from None
         raise
-    return path
 
 
 def _check_subnet(subnet: torch.nn.Module) -> None:

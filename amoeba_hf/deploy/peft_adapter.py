@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..io import atomic_directory
+from ..io import DEFAULT_MAX_SHARD_SIZE, atomic_directory
 from ..modeling.elastic_linear import ElasticLinear
 from ..modeling.modeling_amoeba import AmoebaForCausalLM
 
@@ -47,6 +47,9 @@ def shape_lora(model: AmoebaForCausalLM, depth: int, width: float) -> dict[str, 
                     mixed_b = layer.self_attn.stock_head_order(mixed_b, 0)
                 elif name == "self_attn.o_proj":
                     mixed_a = layer.self_attn.stock_head_order(mixed_a, 1)
+                elif name == "mlp.down_proj" and layer.mlp.bridge_map() is not None:
+                    # the subnet's down_proj holds T W (depth bridge merged): the update becomes T B A
+                    mixed_b = (layer.mlp.bridge_map().float() @ mixed_b.float()).to(mixed_b.dtype)
                 lora[f"model.layers.{slot}.{name}"] = (mixed_a.clone(), mixed_b.clone())
     return lora
 
@@ -89,9 +92,11 @@ def export_adapter(
     width: float,
     out: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write the shape as `out/` (its plain subnet without the LoRA, plus `tokenizer` if given) and
-    `out/adapter/` (a standard peft LoRA adapter), all or nothing. `out` must be new or empty.
+    """Write the shape as `out/` (its plain subnet without the LoRA, plus `tokenizer` if given; weights larger than
+    `max_shard_size` in shards) and `out/adapter/` (a standard peft LoRA adapter), all or nothing. `out` must be new
+    or empty.
 
     Load it back with `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(out), out / "adapter")`;
     its logits equal the elastic model's at that shape. The adapter records `out` as its base model path.
@@ -99,7 +104,7 @@ def export_adapter(
     shape_lora(model, depth, width)  # refuse a shape without an adapter before writing anything
     subnet = model.export_subnet(depth, width, merge=False)
     with atomic_directory(out) as staging:
-        subnet.save_pretrained(staging)
+        subnet.save_pretrained(staging, max_shard_size=max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         peft_model = attach_adapter(model, depth, width, subnet)

@@ -1,7 +1,8 @@
 """Evaluate a list of shapes of one loaded model: set_shape between shapes, save after every (shape, task).
 
 Results are written atomically after each (shape, task), so an interrupted run resumes where it stopped; a
-results file written with other settings is refused rather than mixed.
+results file written with other settings or another model (its fingerprint, see amoeba_hf.fingerprint) is refused
+rather than mixed.
 """
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..fingerprint import Fingerprint, loaded_model_identity, model_dtype, settings_record
 from ..io import write_text_atomically
 from ..modeling.shape_space import shape_key
 from .scoring import EncodedTask, EncodedText, encode_task, score_task
@@ -51,21 +53,17 @@ class EvalSettings:
                              f"max_position_embeddings ({max_position_embeddings})")
 
 
-def _load_results(out: Path, header: dict) -> dict:
-    """Previous results for the same model and settings, or a fresh record."""
+def _load_results(out: Path, header: dict, fingerprint: Fingerprint) -> dict:
+    """Previous results of the same model and settings (the same fingerprint), or a fresh record."""
     if not out.exists():
         return {**header, "shapes": {}}
     try:
         saved = json.loads(out.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{out} is not a results file ({error.msg}); choose a new --out") from None
-    mismatch = [k for k in header if saved.get(k) != header[k]]
-    if mismatch or "shapes" not in saved:
-        raise ValueError(
-            f"{out} was written with different {' and '.join(mismatch) or 'contents'} "
-            f"({[saved.get(k) for k in mismatch]}, now {[header[k] for k in mismatch]}); "
-            "use another --out, or the same model and settings to resume"
-        )
+    if not isinstance(saved, dict) or "shapes" not in saved:
+        raise ValueError(f"{out} is not a results file (it has no shapes); choose a new --out")
+    fingerprint.check(saved.get("fingerprint"), out)
     return saved
 
 
@@ -97,17 +95,24 @@ def evaluate_shapes(
     model_name: str,
     out: str | Path | None = None,
     batch_size: int = 8,
+    model_identity: dict[str, str] | None = None,
 ) -> dict:
     """Score every task at every shape of one loaded model, resuming from `out` and saving there as it goes.
 
     All tasks are read and tokenised before the first forward pass, so bad input fails fast; the model's shape
-    is restored afterwards.
+    is restored afterwards. `out` is resumed only by the same settings and model (`model_identity`, the source's
+    `source_identity`; without it the loaded model is hashed): others are refused (ResumeMismatchError).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     out = Path(out) if out is not None else None
     header = {"model": model_name, "settings": asdict(settings)}
-    results = _load_results(out, header) if out is not None else {**header, "shapes": {}}
+    if out is None:
+        results = {**header, "shapes": {}}
+    else:
+        fingerprint = Fingerprint({**settings_record(settings), **model_dtype(model)},
+                                  model_identity or loaded_model_identity(model), {})
+        results = _load_results(out, {**header, "fingerprint": fingerprint.to_json()}, fingerprint)
     encoded = {
         task_label(name): encode_task(
             load_task(name, settings.data_dir, limit=settings.limit, mmlu_limit=settings.mmlu_limit,

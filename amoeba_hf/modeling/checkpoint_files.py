@@ -1,7 +1,8 @@
 """What a checkpoint carries beside its weights, and the checks that make a broken checkpoint fail at load.
 
-`save_pretrained` records the sha256 of every weight file in `weights_sha256.json`; `from_pretrained` verifies it, so
-a file with flipped bytes is refused instead of loading silently wrong weights. config.json records the digest of that
+`save_pretrained` records the sha256 of every weight file in `weights_sha256.json` (each shard and the shards' index
+of a sharded save); `from_pretrained` verifies it, so a file with flipped bytes is refused instead of loading silently
+wrong weights, and a missing shard is refused by name. config.json records the digest of that
 record, so weight files of another stage (an uncalibrated model's weights and record copied into a calibrated folder,
 whose config.json says how the weights are permuted) are refused too. A checkpoint without the record (saved
 by other code) still gets a structural check of each safetensors file, which catches truncation. After loading,
@@ -70,10 +71,14 @@ def weights_digest(hashes: dict[str, str]) -> str:
 
 
 def record_weight_hashes(folder: str | os.PathLike) -> Path:
-    """Write `weights_sha256.json`: the sha256 of every safetensors file in `folder`, and their `weights_digest` into
-    the folder's config.json. config.json is written before the weights, so the digest is added to it afterwards."""
+    """Write `weights_sha256.json`: the sha256 of every safetensors file in `folder` (each shard of a sharded save)
+    and of the shards' index, which says where each tensor lives, and their `weights_digest` into the folder's
+    config.json. config.json is written before the weights, so the digest is added to it afterwards."""
     folder = Path(folder)
-    hashes = {path.name: file_sha256(path) for path in sorted(folder.glob("*.safetensors"))}
+    files = sorted(folder.glob("*.safetensors"))
+    if (folder / WEIGHTS_INDEX_FILE).is_file():
+        files.append(folder / WEIGHTS_INDEX_FILE)
+    hashes = {path.name: file_sha256(path) for path in files}
     path = folder / WEIGHT_HASHES_FILE
     write_text_atomically(path, json.dumps(hashes, indent=2, sort_keys=True) + "\n")
     config_path = folder / CONFIG_FILE

@@ -12,7 +12,10 @@ WIDTH_MODES = ("uniform", "global")
 ATTENTION_UNITS = ("kv_groups", "query_heads")
 # What the stored weights mean: their layout (`attention_unit`) and the calibration results they carry. Calibration sets
 # them together with the weights, so a config.json value is never overridden by a keyword argument of `from_pretrained`.
-WEIGHT_LAYOUT_FIELDS = ("attention_unit", "width_mode", "bias_compensation")
+WEIGHT_LAYOUT_FIELDS = ("attention_unit", "width_mode", "bias_compensation", "depth_bridges")
+# The sizes of the stored tensors: a keyword argument changing one would build a model the weights do not fit.
+WEIGHT_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "num_key_value_heads", "head_dim")
 SMOL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 AUTO_MAP = {
     "AutoConfig": "configuration_amoeba.AmoebaConfig",
@@ -51,6 +54,12 @@ class AmoebaConfig(LlamaConfig):
     width 1.0) runs without experts, so it is exactly the base model: set when every shape was distilled from the
     base, whose full shape cannot do better than the base itself.
 
+    `depth_bridges` lists the depth bridges calibration fitted, as `[i, j]` pairs: kept layer `i` followed by the
+    removed span `i+1..j`. Each has a (hidden x hidden) float32 map `T`, stored as
+    `model.layers.{i}.mlp.depth_bridges.{j}` and applied to layer i's MLP output (`x -> x T^T`) at every shape that
+    keeps layer i, removes layers i+1..j and keeps layer j+1 (or ends at j); export merges it into that layer's
+    down_proj (`W <- T W`). A span starting at layer 0 has no kept layer before it and no bridge. `None`: none.
+
     `depth` / `width` name the shape the model opens at after `from_pretrained` (`None`: all layers, width 1.0).
     Keyword arguments of `from_pretrained` set them, so `pipeline(model_kwargs=...)` and lm-eval's stock `hf`
     model can ask for a shape; saved with the config, they make a checkpoint open at that shape by default.
@@ -82,6 +91,7 @@ class AmoebaConfig(LlamaConfig):
     layer_intermediate_sizes: list[int] | None = None
     base_model: str | None = None
     base_model_license: str | None = None
+    depth_bridges: list[list[int]] | None = None
     smol_experts: int = 0
     smol_top_k: int = 2
     smol_rank: int = 8
@@ -99,6 +109,12 @@ class AmoebaConfig(LlamaConfig):
     def from_dict(cls, config_dict: dict[str, Any], **kwargs) -> "AmoebaConfig | tuple[AmoebaConfig, dict]":
         """Stock `from_dict`, but keyword arguments naming this architecture's fields join config.json's values
         before the config is built: transformers would set them afterwards and skip validation."""
+        for key in WEIGHT_SIZE_FIELDS:
+            if key in kwargs and key in config_dict and kwargs[key] != config_dict[key]:
+                raise AmoebaConfigError(
+                    f"{key}={kwargs[key]!r} cannot be set when loading: the stored weights have {key}="
+                    f"{config_dict[key]!r}; choose a smaller shape with depth/width (or set_shape) instead"
+                )
         generic = {field.name for field in dataclasses.fields(PreTrainedConfig)}
         own = {field.name: field for field in dataclasses.fields(cls) if field.name not in generic}
         overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in own}
@@ -162,6 +178,8 @@ class AmoebaConfig(LlamaConfig):
                 raise AmoebaConfigError(f"width_grid value {width} is outside [min_width={self.min_width}, 1]")
         if self.depth_table is not None:
             self._validate_depth_table(num_layers)
+        if self.depth_bridges is not None:
+            self._validate_depth_bridges(num_layers)
         if self.smol_experts < 0 or (self.smol_experts and not 1 <= self.smol_top_k <= self.smol_experts):
             raise AmoebaConfigError(
                 f"smol_experts must be >= 0 and smol_top_k in [1, smol_experts], got {self.smol_experts} and "
@@ -184,6 +202,19 @@ class AmoebaConfig(LlamaConfig):
                         f"layer_num_attention_heads[{index}] ({heads}) must be a positive multiple of that layer's "
                         f"key-value heads ({groups})"
                     )
+
+    def _validate_depth_bridges(self, num_layers: int) -> None:
+        """Sorted, unique `[kept layer, last removed layer]` pairs, the span after a layer and inside the model."""
+        pairs = [tuple(pair) if isinstance(pair, (list, tuple)) else pair for pair in self.depth_bridges]
+        for pair in pairs:
+            if not (isinstance(pair, tuple) and len(pair) == 2 and all(type(value) is int for value in pair)
+                    and 0 <= pair[0] < pair[1] < num_layers):
+                raise AmoebaConfigError(
+                    f"depth_bridges entries must be [kept layer i, last removed layer j] with 0 <= i < j < "
+                    f"{num_layers}, got {list(pair) if isinstance(pair, tuple) else pair!r}"
+                )
+        if pairs != sorted(set(pairs)):
+            raise AmoebaConfigError(f"depth_bridges must be sorted and unique, got {self.depth_bridges}")
 
     def _validate_depth_table(self, num_layers: int) -> None:
         """Keys are the depths of the shape space, the full depth among them; each lists that many kept layers."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -102,7 +103,7 @@ def _store_calibration(module: nn.Module, name: str, value: torch.Tensor | None)
 class AmoebaMLP(LlamaMLP):
     """SwiGLU MLP whose active neurons are a prefix of the (importance-ordered) intermediate channels."""
 
-    def __init__(self, config: AmoebaConfig, intermediate_size: int):
+    def __init__(self, config: AmoebaConfig, intermediate_size: int, layer_idx: int | None = None):
         nn.Module.__init__(self)
         self.config = config
         self.hidden_size = config.hidden_size
@@ -115,6 +116,42 @@ class AmoebaMLP(LlamaMLP):
         self.act_fn = ACT2FN[config.hidden_act]
         if config.width_mode == "global":
             self.register_buffer("neuron_importance", torch.zeros(intermediate_size))
+        ends = [end for kept, end in config.depth_bridges or () if kept == layer_idx]
+        self.depth_bridges = self._new_bridges(ends) if ends else None
+        self.active_bridge: str | None = None
+
+    def _new_bridges(self, ends: Iterable[int], device: torch.device | None = None) -> nn.ParameterDict:
+        """Identity maps (no change until set) for the spans ending at `ends`, float32 and frozen."""
+        return nn.ParameterDict({
+            str(end): nn.Parameter(torch.eye(self.hidden_size, dtype=torch.float32, device=device), requires_grad=False)
+            for end in ends
+        })
+
+    def set_bridges(self, maps: dict[int, torch.Tensor]) -> None:
+        """Store the depth bridges after this layer, `maps[j]` for the removed span ending at layer j (None-free);
+        an empty dict removes them. The previous ones are dropped."""
+        device = self.down_proj.weight.device
+        self.depth_bridges = self._new_bridges(sorted(maps), device) if maps else None
+        self.active_bridge = None
+        with torch.no_grad():
+            for end, value in maps.items():
+                self.depth_bridges[str(end)].copy_(value)
+
+    def select_bridge(self, span_end: int | None) -> None:
+        """Apply the bridge of the removed span ending at `span_end` (if this layer has one), or none."""
+        key = None if span_end is None else str(span_end)
+        self.active_bridge = key if self.depth_bridges is not None and key in self.depth_bridges else None
+
+    def bridge_map(self) -> torch.Tensor | None:
+        """The active depth bridge T (hidden x hidden, applied as `output @ T.T`), or None."""
+        return None if self.active_bridge is None else self.depth_bridges[self.active_bridge]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+        bridge = self.bridge_map()
+        if bridge is None:
+            return output
+        return F.linear(output.to(bridge.dtype), bridge).to(output.dtype)
 
     def set_width(self, neurons: int) -> None:
         self.gate_proj.set_active(active_out=neurons)
@@ -298,7 +335,7 @@ class AmoebaDecoderLayer(LlamaDecoderLayer):
         GradientCheckpointingLayer.__init__(self)
         self.hidden_size = config.hidden_size
         self.self_attn = AmoebaAttention(config, layer_idx, size)
-        self.mlp = AmoebaMLP(config, size.intermediate_size)
+        self.mlp = AmoebaMLP(config, size.intermediate_size, layer_idx)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
@@ -321,7 +358,7 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
     _no_split_modules = ["AmoebaDecoderLayer"]
     # Calibration statistics decide which channels a width keeps (bf16 rounding changes the choice) and the experts
     # and router train in float32 over a base of any dtype, as peft keeps adapters.
-    _keep_in_fp32_modules_strict = ["lora_A", "lora_B", "shape_router", *CALIBRATION_BUFFERS]
+    _keep_in_fp32_modules_strict = ["lora_A", "lora_B", "shape_router", "depth_bridges", *CALIBRATION_BUFFERS]
     _can_record_outputs = {"hidden_states": AmoebaDecoderLayer, "attentions": AmoebaAttention}
 
     @classmethod
@@ -348,6 +385,9 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
             buffer = getattr(module, name, None)
             if isinstance(buffer, torch.Tensor):
                 init.zeros_(buffer)
+        if isinstance(module, AmoebaMLP) and module.depth_bridges is not None:
+            for bridge in module.depth_bridges.values():
+                init.eye_(bridge)
         if isinstance(module, ElasticLinear) and module.lora_A is not None:
             for expert in module.lora_A:
                 init.kaiming_uniform_(expert, a=math.sqrt(5))
@@ -495,6 +535,26 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
             width_mode="uniform" if importance is None else "global", bias_compensation=input_means is not None
         )
 
+    def set_depth_bridges(self, bridges: dict[tuple[int, int], torch.Tensor] | None) -> None:
+        """Store depth bridges (Stage 1, `selection/bridges.py`): `bridges[(i, j)]` is the (hidden x hidden) map
+        applied to layer i's MLP output at shapes that keep layer i and remove layers i+1..j (see the config's
+        `depth_bridges`). Replaces any previous ones; `None` or `{}` removes them. The current shape is kept."""
+        bridges = dict(bridges or {})
+        hidden = self.config.hidden_size
+        for (kept, end), value in bridges.items():
+            if tuple(value.shape) != (hidden, hidden):
+                raise ValueError(f"depth bridge {(kept, end)} must be {hidden} x {hidden}, got {tuple(value.shape)}")
+        previous = self.config.depth_bridges
+        self.config.depth_bridges = [list(pair) for pair in sorted(bridges)] or None
+        try:
+            self.config.validate_architecture()
+        except Exception:
+            self.config.depth_bridges = previous
+            raise
+        for index, layer in enumerate(self.layers):
+            layer.mlp.set_bridges({end: value for (kept, end), value in bridges.items() if kept == index})
+        self.set_shape(*self._shape)
+
     @property
     def shape(self) -> Shape:
         return self._shape
@@ -514,10 +574,16 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         depth, width = self.shape_space.validate(depth, width)
         widths = self.shape_space.layer_widths(depth, width)
         active = []
-        for slot, index in enumerate(sorted(widths)):
+        kept = sorted(widths)
+        for layer in self.layers:
+            layer.mlp.select_bridge(None)
+        for slot, index in enumerate(kept):
             layer = self.layers[index]
             layer.self_attn.layer_idx = slot
             layer.set_width(widths[index])
+            following = kept[slot + 1] if slot + 1 < len(kept) else len(self.layers)
+            if following > index + 1:
+                layer.mlp.select_bridge(following - 1)
             active.append(layer)
         self._active_layers = tuple(active)
         self._shape = Shape(depth, width)
@@ -637,6 +703,10 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         """Set Stage-1 results in the config, validated, and rebuild the shape space (see `AmoebaModel`)."""
         self.model.update_shape_space(**changes)
 
+    def set_depth_bridges(self, bridges: dict[tuple[int, int], torch.Tensor] | None) -> None:
+        """Store the depth bridges calibration fitted (see `AmoebaModel.set_depth_bridges`)."""
+        self.model.set_depth_bridges(bridges)
+
     @contextmanager
     def shaped(self, depth: int, width: float = 1.0) -> Iterator["AmoebaForCausalLM"]:
         """Run a block at a shape and restore the previous shape afterwards, even on error."""
@@ -726,6 +796,9 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         before anything is written. `push_to_hub=True` goes through `push_to_hub` (a second save, to a temporary
         folder), because the stock path would replace the card with a generic one.
         """
+        # A config changed by assignment after loading skipped validation: refuse it here, before anything is written,
+        # rather than fail half-way (the model card indexes depth_table) or save a checkpoint no loader accepts.
+        self.config.validate_architecture()
         card = render_model_card(self, read_eval_rows(save_directory))
         hub_options = {
             key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs
@@ -835,6 +908,10 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
             else:
                 digest = saved_weights_digest(config or pretrained_model_name_or_path, kwargs)
             verify_weight_files(pretrained_model_name_or_path, kwargs, digest)
+        if not return_loading_info:
+            # Weights of another shape than the config's (an edited num_key_value_heads, say) then reach the check
+            # below, which names them, instead of a RuntimeError pointing at a report in the log.
+            kwargs.setdefault("ignore_mismatched_sizes", True)
         model, loading_info = super().from_pretrained(
             pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
         )

@@ -185,7 +185,11 @@ class ShapeSpace:
         self._config = config
         self._allocator = allocator
         if self.width_mode == "global" and allocator is None:
-            raise ValueError("width_mode='global' needs calibrated importance scores (run Stage-1 calibration)")
+            raise ValueError(
+                "width_mode='global' needs calibrated importance scores from a global calibration, which this model "
+                "lacks (its widths were calibrated with width_mode 'uniform', or not at all); re-calibrate it with "
+                "`amoeba calibrate --width-mode global`"
+            )
 
     @property
     def full_shape(self) -> Shape:

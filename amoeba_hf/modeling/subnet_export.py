@@ -70,6 +70,9 @@ def amoeba_config_from_source(
 ) -> AmoebaConfig:
     """Any-shape config for a Llama/Mistral/Qwen2 config; other architectures get an error naming the supported."""
     model_type = getattr(source, "model_type", None)
+    if model_type == "amoeba":
+        raise ValueError("this model is already converted (an any-shape checkpoint, model_type 'amoeba'): calibrate, "
+                         "train, export or load it as it is; convert takes a Llama, Mistral or Qwen2 model")
     if model_type not in SUPPORTED_SOURCE_TYPES:
         raise ValueError(
             f"Cannot convert a {model_type!r} model: supported architectures are {', '.join(SUPPORTED_SOURCE_TYPES)} "
@@ -135,6 +138,7 @@ def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_
         attention_unit="kv_groups",
         layer_intermediate_sizes=[s.intermediate_size for s in sizes],
         depth_table=None,
+        depth_bridges=None,
         min_depth=len(sizes),
         min_width=1.0,
         width_grid=[1.0],
@@ -145,6 +149,18 @@ def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_
         mlp_bias=config.mlp_bias or mlp_out_bias,
     )
     return type(config)(**fields)
+
+
+def _merge_bridge(bridge: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None):
+    """down_proj's weight and bias with the layer's active depth bridge T merged in (W <- T W, b <- T b), computed in
+    float32 and returned in the weight's dtype; unchanged without a bridge."""
+    if bridge is None:
+        return weight, bias
+    with torch.no_grad():
+        merged = (bridge.float() @ weight.float()).to(weight.dtype)
+        if bias is not None:
+            bias = (bridge.float() @ bias.float()).to(bias.dtype)
+    return merged, bias
 
 
 def _active_tensors(model: PreTrainedModel, merge: bool) -> dict[str, torch.Tensor]:
@@ -166,6 +182,8 @@ def _active_tensors(model: PreTrainedModel, merge: bool) -> dict[str, torch.Tens
                     bias = None if bias is None else layer.self_attn.stock_head_order(bias, 0)
                 elif name == "self_attn.o_proj":
                     weight = layer.self_attn.stock_head_order(weight, 1)
+                elif name == "mlp.down_proj":
+                    weight, bias = _merge_bridge(layer.mlp.bridge_map(), weight, bias)
                 tensors[f"{prefix}{name}.weight"] = weight
                 if bias is not None:
                     tensors[f"{prefix}{name}.bias"] = bias

@@ -2,9 +2,11 @@
 
 Every step writes into a work folder beside the output (`.<out>.build/`) and is skipped when its result exists;
 steps that take long (data generation, the DP, training) also save progress inside, so re-running the same
-command after an interruption continues where it stopped and ends with the same result.
+command after an interruption continues where it stopped and ends with the same result. The work folder's
+`fingerprint.json` (`build_fingerprint`) refuses a re-run with other settings, model or data.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -23,12 +25,13 @@ from accelerate import PartialState
 from transformers import TrainerCallback
 
 from ..evaluation.scoring import perplexity
-from ..io import ensure_free_output_dir, save_checkpoint, staged_checkpoint
+from ..fingerprint import Fingerprint, data_digests, settings_record, source_identity
+from ..io import DEFAULT_MAX_SHARD_SIZE, SaveSettings, ensure_free_output_dir, save_checkpoint, staged_checkpoint
 from ..placement import LoadSettings, input_device
 from ..plotting import png_figure
 from ..selection.calibrate import CalibrationSettings, calibrate
 from ..training.data import encode_documents, is_file_source
-from ..training.finetune import FinetuneSettings, TrainerSettings, finetune
+from ..training.finetune import FinetuneSettings, TrainerSettings, finetune, trainer_record
 from ..training.self_generated import SEED_INSTRUCTIONS, generate_self_data
 from .sources import check_source, load_or_convert
 
@@ -260,20 +263,29 @@ def build(
     out: str | os.PathLike,
     load: LoadSettings | None = None,
     trainer_settings: TrainerSettings | None = None,
+    save: SaveSettings | None = None,
 ) -> dict | None:
     """The whole pipeline; returns the report. Re-run with the same settings to resume.
 
-    `load` chooses dtype and device(s), `trainer_settings` precision and the distributed engine. Under `accelerate
-    launch` the steps before training run on the main process while the others wait (then load its results), every
-    process trains, and the main process evaluates and saves; the others return None.
+    `load` chooses dtype and device(s), `trainer_settings` precision and the distributed engine, `save` the shard
+    size of the final checkpoint. Under `accelerate launch` the steps before training run on the main process while
+    the others wait (then load its results), every process trains, and the main process evaluates and saves; the
+    others return None.
     """
     settings.validate()
     trainer_settings = trainer_settings or TrainerSettings()
     trainer_settings.validate()
+    save = save or SaveSettings()
+    save.validate()
     check_source(settings.model)
     out = ensure_free_output_dir(out)
     state = PartialState(cpu=not torch.accelerator.is_available(), timeout=PREPARATION_TIMEOUT)
-    work = BuildWork(out.parent / f".{out.name}.build")
+    folder = out.parent / f".{out.name}.build"
+    fingerprint = build_fingerprint(settings, load or LoadSettings(), trainer_settings)
+    fingerprint.guard(folder)
+    if state.is_main_process:
+        fingerprint.record(folder)
+    work = BuildWork(folder)
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     preset = settings.resolved_preset()
@@ -294,10 +306,22 @@ def build(
 
     rows = baseline + trained
     report = {"preset": settings.preset, "settings": asdict(preset), "model": settings.model or DEFAULT_MODEL_NAME,
-              "eval_data": data.eval_file, "rows": rows, "seconds": time.perf_counter() - started,
-              "step_seconds": work.timings}
-    save_step(work, out, model, tokenizer, report, trained)
+              "fingerprint": fingerprint.to_json(), "eval_data": data.eval_file, "rows": rows,
+              "seconds": time.perf_counter() - started, "step_seconds": work.timings}
+    save_step(work, out, model, tokenizer, report, trained, save.max_shard_size)
     return report
+
+
+def build_fingerprint(settings: BuildSettings, load: LoadSettings, trainer_settings: TrainerSettings) -> Fingerprint:
+    """What determines a build's checkpoint: its flags, the preset's definition (package code), the load dtype and
+    result-affecting Trainer settings, the source model's files and the data files' contents. The work folder is
+    resumed only under the same, so the report's settings are always those that made the weights."""
+    definition = json.dumps(asdict(PRESETS[settings.preset]), sort_keys=True)
+    return Fingerprint(
+        {**settings_record(settings, load), **trainer_record(trainer_settings.training_arguments()),
+         "the --preset's definition": hashlib.sha256(definition.encode()).hexdigest()[:16]},
+        source_identity(settings.model), data_digests([*(settings.data or []), settings.eval_data]),
+    )
 
 
 def convert_step(work: BuildWork, settings: BuildSettings, load: LoadSettings | None):
@@ -341,7 +365,8 @@ def calibrate_step(work: BuildWork, calibration: CalibrationSettings, base, toke
     if not calibrated.exists():
         with work.step("calibrate", f"3/5 calibrate: widths by importance, depths by {calibration.depth_method}"):
             report = calibrate(base, tokenizer, calibration, state_dir=work.folder / "calibrate-state",
-                               on_progress=_fault("calibrate"))
+                               on_progress=_fault("calibrate"),
+                               model_identity=source_identity(str(work.folder / "converted")))
             save_checkpoint(base, tokenizer, calibrated,
                             files={"calibration.json": json.dumps(asdict(report), indent=2)})
     return load_or_convert(str(calibrated), load)
@@ -364,15 +389,18 @@ def finetune_step(
                f"{finetuning.batch_size}x{finetuning.grad_accum}")
     with work.step("train", message):
         finetune(model, tokenizer, finetuning, work.folder / "train", callbacks=[_FaultCallback()],
-                 trainer_settings=trainer_settings)
+                 trainer_settings=trainer_settings, model_identity=source_identity(str(work.folder / "calibrated")))
 
 
-def save_step(work: BuildWork, out: Path, model, tokenizer, report: dict, trained: list[dict]) -> None:
+def save_step(
+    work: BuildWork, out: Path, model, tokenizer, report: dict, trained: list[dict],
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> None:
     """The checkpoint with its evaluation table, report, plot and log, written atomically; then the work folder goes."""
     eval_rows = [{"depth": r["depth"], "width": r["width"], "held-out ppl": round(r["perplexity"], 3),
                   "prefill tok/s": round(r["prefill_tokens_per_s"], 1)} for r in trained]
     files = {"amoeba_eval.json": json.dumps(eval_rows, indent=2), "build_report.json": json.dumps(report, indent=2)}
-    with staged_checkpoint(model, tokenizer, out, files) as staging:
+    with staged_checkpoint(model, tokenizer, out, files, max_shard_size) as staging:
         plot(report["rows"], staging / "frontier.png")
         shutil.copy(work.folder / "build.log", staging / "build.log")
     shutil.rmtree(work.folder, ignore_errors=True)

@@ -1,19 +1,21 @@
 """Stage 1 end to end: importance-ordered widths, then DP depth tables, written into the model (resumable)."""
 
-import hashlib
 import json
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from ..fingerprint import Fingerprint, data_digests, loaded_model_identity, model_dtype, settings_record
 from ..io import write_text_atomically
 from ..placement import input_device
 from ..training.data import is_file_source
+from .bridges import bridge_parameters, bridge_spans, fit_depth_bridges
 from .data import multiple_choice_prompts, text_blocks
 from .depth import (
     SCORES,
@@ -36,15 +38,21 @@ from .width import (
 )
 
 DEPTH_METHODS = ("dp", "block-influence", "drop-last")
+# depth bridges when neither --depth-bridges nor --no-depth-bridges is given (measured: docs/benchmarks.md)
+DEPTH_BRIDGES_DEFAULT = True
+BRIDGE_RIDGE = 1e-2
 WIDTH_MODES = ("global", "uniform")
 
 
 @dataclass
 class CalibrationSettings:
-    """Stage 1's settings, also the flags of `amoeba calibrate`; the hash of them all guards resumption.
+    """Stage 1's settings, also the flags of `amoeba calibrate`; all but the `OPERATIONAL` ones are in the
+    fingerprint that guards resumption (chunk size and the DP's prefix cache change memory and time, not the tables).
 
     Defaults are the command line's (16 blocks of 256 tokens, enough for a model of ~100M parameters on CPU).
     """
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("prefix_cache", "chunk_size")
 
     data: str | None = field(
         default=None,
@@ -86,6 +94,18 @@ class CalibrationSettings:
     )
     bias_compensation: bool = field(default=True, metadata={"help": "do not add pruned channels' mean"})
     seed: int = field(default=0, metadata={"help": "seed of the calibration samples and random widths"})
+    depth_bridges: bool | None = field(
+        default=None,
+        metadata={
+            "help": "fit a linear map per removed span of the depth table (least squares on the calibration "
+            "activations, applied to the MLP output of the layer before the span, merged into its down_proj on "
+            f"export; hidden^2 parameters per span) (default: {'on' if DEPTH_BRIDGES_DEFAULT else 'off'})"
+        },
+    )
+    bridge_ridge: float = field(
+        default=BRIDGE_RIDGE,
+        metadata={"help": "ridge of the depth-bridge fit, relative to the mean eigenvalue of X^T X (towards identity)"},
+    )
     prefix_cache: bool = field(default=True, metadata={"cli": False})
     chunk_size: int = field(default=4, metadata={"cli": False})
 
@@ -103,7 +123,11 @@ class CalibrationSettings:
         if self.score not in SCORES:
             raise ValueError(f"unknown score {self.score!r}; choose from {SCORES}")
         if self.score == "mmlu" and not self.mc_data:
-            raise ValueError("score 'mmlu' needs multiple-choice prompts: pass mc_data (e.g. mmlu/zero_shot_val.jsonl)")
+            raise ValueError("score 'mmlu' (--score mmlu) needs multiple-choice prompts: pass mc_data (--mc-data, e.g. "
+                             "mmlu/zero_shot_val.jsonl)")
+        if self.mc_data and self.score != "mmlu":
+            raise ValueError(f"mc_data (--mc-data) is used only by score 'mmlu' (--score mmlu), not by score "
+                             f"{self.score!r}; drop it or add --score mmlu")
         if self.depth_method not in DEPTH_METHODS:
             raise ValueError(f"unknown depth method {self.depth_method!r}; choose from {DEPTH_METHODS}")
         if self.width_method not in WIDTH_METHODS:
@@ -115,6 +139,8 @@ class CalibrationSettings:
         for width in self.widths or ():
             if not 0.0 < width <= 1.0:
                 raise ValueError(f"width {width} is outside (0, 1]")
+        if not self.bridge_ridge >= 0:
+            raise ValueError(f"bridge_ridge must be >= 0, got {self.bridge_ridge}")
         if self.min_depth is not None and self.min_depth < 1:
             raise ValueError(f"min_depth must be in [1, number of layers], got {self.min_depth}")
         if num_layers is None:
@@ -123,12 +149,6 @@ class CalibrationSettings:
             raise ValueError(f"min_depth must be in [1, {num_layers}], got {self.min_depth}")
         if not 0 <= self.keep_last < num_layers:
             raise ValueError(f"keep_last must be in [0, {num_layers - 1}], got {self.keep_last}")
-
-    def fingerprint(self, model) -> str:
-        weights = model.model.layers[0].self_attn.q_proj.weight
-        payload = json.dumps(asdict(self), sort_keys=True)
-        payload += f"{model.config.num_hidden_layers}:{weights.sum().item():.6e}"
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -145,25 +165,25 @@ class CalibrationReport:
 class ResumeState:
     """What an interrupted calibration has finished, in `state_dir` (nothing is kept without one).
 
-    `state.json` holds the settings' fingerprint, whether the width step is done and the DP's last saved row;
-    `width.pt` the channel statistics and importance scores (attention scores per KV group, or per query head with
-    `attention_unit="query_heads"`). A different fingerprint starts from scratch.
+    `fingerprint.json` names the run the progress belongs to (another run's is refused, see amoeba_hf.fingerprint);
+    `state.json` holds whether the width step is done and the DP's last saved row; `width.pt` the channel statistics
+    and importance scores (attention scores per KV group, or per query head with `attention_unit="query_heads"`).
     """
 
-    def __init__(self, state_dir: str | os.PathLike | None, fingerprint: str):
+    def __init__(self, state_dir: str | os.PathLike | None, fingerprint: Fingerprint | None):
         self.folder = None if state_dir is None else Path(state_dir)
         self.fingerprint = fingerprint
         self.values: dict = {}
         if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
+            fingerprint.guard(self.folder)
             meta = self.folder / "state.json"
             if meta.exists():
-                saved = json.loads(meta.read_text())
-                self.values = saved if saved.get("fingerprint") == fingerprint else {}
+                self.values = json.loads(meta.read_text())
         self.resumed = bool(self.values)
 
     def save(self, **values) -> None:
         if self.folder is not None:
+            self.fingerprint.record(self.folder)
             write_text_atomically(self.folder / "state.json", json.dumps({**self.values, **values}))
 
     def load_width(self) -> tuple[dict, list[torch.Tensor], list[torch.Tensor]] | None:
@@ -178,12 +198,13 @@ class ResumeState:
     def save_width(self, stats: dict, group_scores: list[torch.Tensor], neuron_scores: list[torch.Tensor]) -> None:
         if self.folder is None:
             return
+        self.fingerprint.record(self.folder)
         width_file = self.folder / "width.pt"
         tmp = width_file.with_suffix(".tmp")
         saved_stats = {f"{i}.{kind}": s.to_state() for (i, kind), s in stats.items()}
         torch.save({"stats": saved_stats, "groups": group_scores, "neurons": neuron_scores}, tmp)
         os.replace(tmp, width_file)
-        self.values = {"fingerprint": self.fingerprint, "width_done": True}
+        self.values = {"width_done": True}
         self.save()
 
 
@@ -194,14 +215,23 @@ def calibrate(
     state_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
     on_progress: Callable[[str], None] | None = None,
+    model_identity: dict[str, str] | None = None,
 ) -> CalibrationReport:
     """Select widths (permuting the model in place) and depths for `model`; progress is saved in `state_dir`.
 
-    Re-running with the same settings and `state_dir` after an interruption continues where it stopped.
-    `on_progress` is called with "width" and then "dp" after each saved DP row.
+    Re-running with the same settings, model and data and `state_dir` after an interruption continues where it
+    stopped; other ones are refused (ResumeMismatchError). `model_identity` identifies the model's source
+    (`source_identity`); without it the loaded model is hashed. `on_progress` is called with "width" and then "dp"
+    after each saved DP row.
     """
     num_layers = model.config.num_hidden_layers
     settings.validate(num_layers)
+    fingerprint = None
+    if state_dir is not None:
+        fingerprint = Fingerprint({**settings_record(settings), **model_dtype(model)},
+                                  model_identity or loaded_model_identity(model),
+                                  data_digests([settings.data, settings.mc_data]))
+    state = ResumeState(state_dir, fingerprint)
     model.eval()
     device = input_device(model)
     blocks = text_blocks(settings.data, tokenizer, settings.samples, settings.seq_len, settings.seed).to(device)
@@ -216,7 +246,6 @@ def calibrate(
             f"min_depth {min_depth} would remove {num_layers - min_depth} layers, but only {len(scan)} are removable "
             f"with keep_last={settings.keep_last}, keep_first={settings.keep_first}"
         )
-    state = ResumeState(state_dir, settings.fingerprint(model))
 
     start = time.perf_counter()
     order_widths(model, blocks, settings, state, show_progress)
@@ -234,7 +263,24 @@ def calibrate(
     if settings.widths:
         shape_space.update(min_width=min(settings.widths), width_grid=sorted(settings.widths, reverse=True))
     model.update_shape_space(**shape_space)
-    return CalibrationReport(table, evaluations, layer_forwards, depth_seconds, width_seconds, state.resumed)
+    extras = fit_bridges(model, blocks, settings, show_progress)
+    return CalibrationReport(table, evaluations, layer_forwards, depth_seconds, width_seconds, state.resumed, extras)
+
+
+def fit_bridges(model, blocks: torch.Tensor, settings: CalibrationSettings, show_progress: bool) -> dict:
+    """Depth bridges for the spans of the model's depth table if the settings ask for them (else none are kept);
+    what they cost, for the report."""
+    if not (DEPTH_BRIDGES_DEFAULT if settings.depth_bridges is None else settings.depth_bridges):
+        model.set_depth_bridges(None)
+        return {"depth_bridges": 0}
+    start = time.perf_counter()
+    config = model.config
+    spans = bridge_spans(config.depth_table, config.num_hidden_layers)
+    model.set_depth_bridges(
+        fit_depth_bridges(model, blocks, spans, settings.bridge_ridge, settings.chunk_size, show_progress)
+    )
+    return {"depth_bridges": len(spans), "bridge_parameters": bridge_parameters(spans, config.hidden_size),
+            "bridge_seconds": time.perf_counter() - start}
 
 
 def order_widths(model, blocks: torch.Tensor, settings: CalibrationSettings, state: ResumeState,

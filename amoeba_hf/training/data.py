@@ -9,6 +9,7 @@ are joined with the EOS id, so no token spans two documents.
 import json
 import random
 import re
+import stat
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -55,6 +56,12 @@ class DataFields:
 def is_file_source(source: str | Path) -> bool:
     """A local data file (existing, or named like one so that a typo is "does not exist"), not a dataset spec."""
     path = Path(source)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        # A FIFO would block the reader and /dev/zero never ends: refuse what is not a regular file, and say what it is.
+        kinds = {stat.S_IFIFO: "a named pipe (FIFO)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                 stat.S_IFSOCK: "a socket"}
+        kind = kinds.get(stat.S_IFMT(path.stat().st_mode), "not a regular file")
+        raise ValueError(f"data {source} is {kind}, not a data file; give a .txt, .json or .jsonl file")
     return path.is_file() or path.suffix in FILE_SUFFIXES
 
 
@@ -72,18 +79,26 @@ def parse_dataset_spec(spec: str) -> tuple[str, str | None, str | None]:
 def _check_json(text: str, path: Path, label: str) -> None:
     """Parse JSON or JSON Lines with the standard library first: its error names the line, the `datasets` one does not."""
     try:
-        json.loads(text)
-        return
+        whole = json.loads(text)
     except json.JSONDecodeError as error:
         whole_file_error = error
+    else:
+        for number, record in enumerate(whole if isinstance(whole, list) else (), 1):
+            if not isinstance(record, dict):
+                raise ValueError(f"{label} {path}: record {number} is a JSON {type(record).__name__}, not an object "
+                                 "with fields (e.g. {\"text\": ...} or Alpaca's instruction/input/output)")
+        return
     lines = [(number, line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     if len(lines) <= 1:
         raise ValueError(f"{label} {path} is not valid JSON: {whole_file_error}")
     for number, line in lines:
         try:
-            json.loads(line)
+            record = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{label} {path} is neither JSON nor JSON Lines: line {number}: {error}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{label} {path}: line {number} is a JSON {type(record).__name__}, not an object with "
+                             "fields (e.g. {\"text\": ...} or Alpaca's instruction/input/output)")
 
 
 @contextmanager
@@ -108,6 +123,9 @@ def _load_failure(name: str, config: str | None, split: str, error: Exception) -
     try:
         configs = get_dataset_config_names(name)
     except Exception as lookup_error:
+        if Path(name).is_dir():
+            return (f"{name} is a folder, not a data file, and holds no data files a dataset loader recognises; give a "
+                    ".txt, .json or .jsonl file")
         return f"no such file, and no dataset {name!r} on the Hub or in its cache ({_first_line(lookup_error)})"
     if config is not None and config not in configs:
         return f"no config {config!r}; its configs: {', '.join(configs)} ({DATASET_SPEC})"

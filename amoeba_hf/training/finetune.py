@@ -3,6 +3,7 @@
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -11,6 +12,14 @@ from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, Traine
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from ..fingerprint import (
+    Fingerprint,
+    data_digests,
+    loaded_model_identity,
+    model_dtype,
+    processes,
+    settings_record,
+)
 from .data import (
     TEMPLATES,
     DataFields,
@@ -25,6 +34,11 @@ from .data import (
 from .trainer import TEACHERS, AmoebaTrainer, AmoebaTrainingArguments
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+# TrainingArguments that change how training runs, not what it learns: left out of the resume fingerprint.
+OPERATIONAL_TRAINING_ARGUMENTS = (
+    "gradient_checkpointing", "gradient_checkpointing_kwargs", "dataloader_num_workers", "use_cpu", "disable_tqdm",
+    "logging_steps", "report_to",
+)
 
 
 @dataclass
@@ -34,6 +48,8 @@ class TrainerSettings:
 
     Run several processes with `accelerate launch`: DDP as it is, FSDP with `--fsdp`. DeepSpeed is refused: the
     sandwich runs one backward pass per shape, and its engine steps the optimizer after each of them.
+    Precision (bf16 as resolved, fp16, tf32) and FSDP (it decides how checkpoints are sharded) are in the resume
+    fingerprint; gradient checkpointing and dataloader workers are not (`OPERATIONAL_TRAINING_ARGUMENTS`).
     """
 
     bf16: bool | None = field(
@@ -87,8 +103,12 @@ class TrainerSettings:
 class FinetuneSettings:
     """Stage 2's recipe, also the flags of `amoeba train`; defaults follow AmoebaLLM scaled to a CPU budget.
 
-    `training_arguments` turns it into the `AmoebaTrainingArguments` the Trainer runs with.
+    `training_arguments` turns it into the `AmoebaTrainingArguments` the Trainer runs with. All but the
+    `OPERATIONAL` settings are in the fingerprint that guards resumption (the checkpoint interval does not change the
+    result: a resumed run ends with the weights of an uninterrupted one).
     """
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("save_steps",)
 
     data: list[str] = field(
         default_factory=list,
@@ -164,6 +184,11 @@ class FinetuneSettings:
                 f"experts must be >= 1 (1 = plain LoRA), got {self.experts}: Stage 2 trains LoRA experts on a frozen "
                 "base (train_base, --train-base, trains the base weights as well)"
             )
+        if self.top_k > max(self.experts, 2):
+            # The default top_k (2) with one expert is plain LoRA and means the one expert; any other excess would be
+            # cut to the expert count while the settings record the value asked for.
+            raise ValueError(f"top_k (--top-k) {self.top_k} exceeds experts (--experts) {self.experts}: a shape mixes "
+                             f"at most all experts; choose --top-k in 1..{self.experts}")
         if self.random_shapes < 0:
             raise ValueError(f"random_shapes must be >= 0, got {self.random_shapes}")
         if not self.learning_rate > 0:
@@ -264,13 +289,27 @@ def last_complete_checkpoint(work_dir: str | os.PathLike) -> str | None:
     return str(steps[max(steps)]) if steps else None
 
 
+def trainer_record(training_arguments: dict) -> dict:
+    """The result-affecting `TrainingArguments` fields (by flag) and the number of processes, for a fingerprint."""
+    record = {f"--{name.replace('_', '-')}": value for name, value in training_arguments.items()
+              if name not in OPERATIONAL_TRAINING_ARGUMENTS}
+    return {**record, "the number of processes": processes()}
+
+
 def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettings, work_dir: str | os.PathLike,
              callbacks: list[TrainerCallback] | None = None, trainer_settings: TrainerSettings | None = None,
-             **training_overrides) -> AmoebaTrainer:
-    """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run resumes from the newest complete one.
-    `trainer_settings` choose precision, memory savings and the distributed engine."""
+             model_identity: dict[str, str] | None = None, **training_overrides) -> AmoebaTrainer:
+    """Train `model` one-for-all; checkpoints go to `work_dir`, and a re-run with the same settings, model and data
+    resumes from the newest complete one (other ones are refused: ResumeMismatchError). `trainer_settings` choose
+    precision, memory savings and the distributed engine. `model_identity` identifies the model's source
+    (`source_identity`); without it the loaded model is hashed."""
     settings.validate()
     training_overrides = {**(trainer_settings or TrainerSettings()).training_arguments(), **training_overrides}
+    fingerprint = Fingerprint(
+        {**settings_record(settings), **trainer_record(training_overrides), **model_dtype(model)},
+        model_identity or loaded_model_identity(model), data_digests(settings.data),
+    )
+    fingerprint.guard(work_dir)
     dataset = build_dataset(settings.data, tokenizer, settings)
     if not model.config.smol_experts and settings.experts:
         set_seed(settings.seed)
@@ -280,6 +319,8 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
     elif model.config.smol_experts:
         model.set_trainable(settings.train_base)
     args = settings.training_arguments(work_dir, **training_overrides)
+    if args.should_save:
+        fingerprint.record(work_dir)
     trainer = AmoebaTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, callbacks=callbacks,
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),

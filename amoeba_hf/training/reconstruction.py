@@ -11,13 +11,13 @@ Only the experts are trained: base weights and router stay frozen, and the full 
 full shape uses its experts keeps it as an anchor shape, trained to keep reproducing its own dense states).
 """
 
-import hashlib
 import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, set_seed
 
+from ..fingerprint import Fingerprint, data_digests, loaded_model_identity, model_dtype, settings_record
 from ..io import write_text_atomically
 from ..modeling.modeling_amoeba import LayerInputs
 from ..modeling.shape_space import Shape, ShapeSpace
@@ -38,7 +39,12 @@ STATE_FILE = "state.json"
 @dataclass
 class ReconstructionSettings:
     """Stage 2a's recipe, also the flags of `amoeba reconstruct`; defaults fit a ~100M-parameter model on a CPU
-    in minutes (32 blocks of 256 tokens, 32 steps of 4 blocks per layer: 4 passes over the data)."""
+    in minutes (32 blocks of 256 tokens, 32 steps of 4 blocks per layer: 4 passes over the data).
+
+    All but the `OPERATIONAL` settings are in the fingerprint that guards resumption (the chunk size of the dense
+    pass changes memory, not the states)."""
+
+    OPERATIONAL: ClassVar[tuple[str, ...]] = ("chunk_size",)
 
     data: list[str] = field(
         default_factory=list,
@@ -74,6 +80,11 @@ class ReconstructionSettings:
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.top_k > max(self.experts, 2):
+            # The default top_k (2) with one expert is plain LoRA and means the one expert; any other excess would be
+            # cut to the expert count while the settings record the value asked for.
+            raise ValueError(f"top_k (--top-k) {self.top_k} exceeds experts (--experts) {self.experts}: a shape mixes "
+                             f"at most all experts; choose --top-k in 1..{self.experts}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         if self.random_shapes < 0:
@@ -93,14 +104,6 @@ class ReconstructionSettings:
         for path in self.data:
             if is_file_source(path) and not Path(path).is_file():
                 raise FileNotFoundError(f"reconstruction data {path} does not exist")
-
-    def fingerprint(self, model) -> str:
-        """Hash of the settings and the model being trained: a saved state is resumed only under the same."""
-        tensors = [model.model.layers[0].self_attn.q_proj.weight]
-        tensors += [p for name, p in model.named_parameters() if "lora_" in name or "shape_router" in name]
-        payload = json.dumps(asdict(self), sort_keys=True)
-        payload += f"{model.config.to_json_string()}:{sum(t.double().sum().item() for t in tensors):.12e}"
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -236,16 +239,18 @@ class BatchSampler:
 
 
 class ReconstructionState:
-    """Finished layers in `state_dir`: `layer_<i>.safetensors` (its experts), then `state.json` (fingerprint and
-    each finished layer's first/last error). A different fingerprint starts from scratch."""
+    """Finished layers in `state_dir`: `layer_<i>.safetensors` (its experts), then `state.json` (each finished
+    layer's first/last error); `fingerprint.json` names the run they belong to (another run's is refused, see
+    amoeba_hf.fingerprint)."""
 
-    def __init__(self, state_dir: str | os.PathLike | None, fingerprint: str):
+    def __init__(self, state_dir: str | os.PathLike | None, fingerprint: Fingerprint | None):
         self.folder = None if state_dir is None else Path(state_dir)
         self.fingerprint = fingerprint
         self.layers: dict[int, tuple[float, float]] = {}
-        if self.folder is not None and (self.folder / STATE_FILE).is_file():
-            saved = json.loads((self.folder / STATE_FILE).read_text())
-            if saved.get("fingerprint") == fingerprint:
+        if self.folder is not None:
+            fingerprint.guard(self.folder)
+            if (self.folder / STATE_FILE).is_file():
+                saved = json.loads((self.folder / STATE_FILE).read_text())
                 self.layers = {int(i): tuple(errors) for i, errors in saved["layers"].items()}
 
     def load(self, model) -> list[int]:
@@ -262,13 +267,12 @@ class ReconstructionState:
         self.layers[index] = errors
         if self.folder is None:
             return
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.fingerprint.record(self.folder)
         path = self.folder / f"layer_{index}.safetensors"
         staging = path.with_name(f".{path.name}.tmp")
         save_file({name: p.detach().contiguous() for name, p in expert_parameters(model, index)}, staging)
         os.replace(staging, path)
-        write_text_atomically(self.folder / STATE_FILE, json.dumps({"fingerprint": self.fingerprint,
-                                                                    "layers": self.layers}))
+        write_text_atomically(self.folder / STATE_FILE, json.dumps({"layers": self.layers}))
 
 
 def expert_parameters(model, index: int) -> list[tuple[str, torch.nn.Parameter]]:
@@ -282,14 +286,22 @@ def reconstruct(
     settings: ReconstructionSettings,
     state_dir: str | os.PathLike | None = None,
     show_progress: bool = True,
+    model_identity: dict[str, str] | None = None,
 ) -> ReconstructionReport:
     """Train every layer's experts so that each shape's kept layers reproduce the dense hidden states (see the
     module's docstring); the experts of each finished layer are saved in `state_dir`, and a re-run with the same
-    settings and model continues at the next layer. The model ends at its full shape, in eval mode."""
+    settings, model and data continues at the next layer (other ones are refused: ResumeMismatchError).
+    `model_identity` identifies the model's source (`source_identity`); without it the loaded model is hashed. The
+    model ends at its full shape, in eval mode."""
     settings.validate()
     space = model.shape_space
     for width in settings.widths or ():
         space.validate(space.num_layers, width)
+    fingerprint = None
+    if state_dir is not None:
+        fingerprint = Fingerprint({**settings_record(settings), **model_dtype(model)},
+                                  model_identity or loaded_model_identity(model), data_digests(settings.data))
+    state = ReconstructionState(state_dir, fingerprint)
     blocks = reconstruction_blocks(settings.data, tokenizer, settings.samples, settings.seq_len, settings.seed)
     blocks = blocks.to(input_device(model))
     if not model.config.smol_experts:
@@ -301,7 +313,6 @@ def reconstruct(
     start = time.perf_counter()
     states = dense_states(model, blocks, settings.batch_size, settings.chunk_size)
     cache_seconds = time.perf_counter() - start
-    state = ReconstructionState(state_dir, settings.fingerprint(model))
     resumed = state.load(model)
     plans = {i: LayerShapes(space, i, settings.widths, model.config.smol_exact_full_shape)
              for i in range(space.num_layers)}
