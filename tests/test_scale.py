@@ -59,7 +59,8 @@ def test_bf16_source_goes_through_convert_calibrate_train_and_stays_bf16(tmp_pat
     assert dtypes["model.layers.0.mlp.up_proj.weight"] == "BF16"
     assert {key.rsplit(".", 1)[-1] for key in fp32} >= {"lora_A", "lora_B", "neuron_importance", "input_mean"}
     assert all(dtype == "BF16" for key, dtype in dtypes.items() if key not in fp32)
-    assert all("lora_" in key or "shape_router" in key or "importance" in key or "input_mean" in key for key in fp32)
+    fp32_kinds = ("lora_", "shape_router", "importance", "input_mean", "depth_bridges")
+    assert all(any(kind in key for kind in fp32_kinds) for key in fp32)
     reloaded = AmoebaForCausalLM.from_pretrained(tmp_path / "trained")
     assert reloaded.dtype == torch.bfloat16
     assert reloaded.model.layers[0].mlp.neuron_importance.dtype == torch.float32
