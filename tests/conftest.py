@@ -11,6 +11,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from amoeba_hf.cli import main
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -169,3 +171,22 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_cli(args: list, capsys) -> tuple[int, str, str]:
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, command: str, message: str) -> None:
+    """Exit code 2 and, after any progress bars of loading, one line `amoeba COMMAND: error: ...`."""
+    assert code == 2, err
+    last = err.rstrip("\n").rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]
+    assert last.startswith(f"amoeba {command}: error: ") and message in last, err
+    assert "Traceback" not in err and err.count(f"amoeba {command}: error: ") == 1, err
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(path.name for path in folder.iterdir())

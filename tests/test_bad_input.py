@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_source, tiny_tokenizer, write_tiny_text
+from conftest import assert_one_line_error, leftovers, run_cli, tiny_source, tiny_tokenizer, write_tiny_text
 from test_hub import amoeba_cli, hub_env, local_hub  # noqa: F401 (local_hub is a fixture)
 from transformers import AutoModelForCausalLM
 
@@ -46,25 +46,6 @@ def alpaca(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "alpaca.json"
     path.write_text(json.dumps([{"instruction": "w3 w4", "input": "", "output": "w5 w6"}] * 4))
     return path
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, command: str, message: str) -> None:
-    """Exit code 2 and, after any progress bars of loading, one line `amoeba COMMAND: error: ...`."""
-    assert code == 2, err
-    last = err.rstrip("\n").rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]
-    assert last.startswith(f"amoeba {command}: error: ") and message in last, err
-    assert "Traceback" not in err and err.count(f"amoeba {command}: error: ") == 1, err
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(path.name for path in folder.iterdir())
 
 
 # --- AmoebaConfig: one place of validation, errors of one ValueError type that name the field ---------------------

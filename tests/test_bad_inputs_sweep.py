@@ -11,12 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_source, tiny_tokenizer, write_tiny_text
+from conftest import assert_one_line_error, leftovers, run_cli, tiny_source, tiny_tokenizer, write_tiny_text
 from filelock import FileLock
 from safetensors import SafetensorError
 
 from amoeba_hf import AmoebaForCausalLM
-from amoeba_hf.cli import main
 from amoeba_hf.modeling.configuration_amoeba import AmoebaConfigError
 
 
@@ -49,25 +48,6 @@ def root(tmp_path_factory) -> Path:
         if "token" not in path.name:
             (notok / path.name).write_bytes(path.read_bytes())
     return folder
-
-
-def run_cli(args: list, capsys) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def assert_one_line_error(code: int, err: str, command: str, message: str) -> None:
-    """Exit code 2 and, after any progress bars of loading, one line `amoeba COMMAND: error: ...`."""
-    assert code == 2, err
-    last = err.rstrip("\n").rsplit("\n", 1)[-1].rsplit("\r", 1)[-1]
-    assert last.startswith(f"amoeba {command}: error: ") and message in last, err
-    assert "Traceback" not in err and err.count(f"amoeba {command}: error: ") == 1, err
-
-
-def leftovers(folder: Path) -> list[str]:
-    return sorted(path.name for path in folder.iterdir())
 
 
 SMALL_CALIBRATION = ["--samples", "2", "--seq-len", "16"]
