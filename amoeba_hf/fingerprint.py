@@ -22,7 +22,7 @@ from transformers.utils import cached_file
 from .modeling.checkpoint_files import (
     CONFIG_FILE,
     file_sha256,
-    saved_weights_digest,
+    saved_config_values,
     weights_digest,
     write_text_atomically,
 )
@@ -83,7 +83,7 @@ def source_identity(source: str | None) -> dict[str, str]:
     identity = {"config": file_sha256(config)}
     if not Path(location).is_dir():
         return {**identity, "revision": config.parent.name}
-    digest = saved_weights_digest(location, {})
+    digest = (saved_config_values(location, {}) or {}).get("weights_digest")
     if digest is None:
         files = sorted(path for pattern in WEIGHT_PATTERNS for path in Path(location).glob(pattern))
         digest = weights_digest({path.name: file_sha256(path) for path in files})

@@ -26,7 +26,7 @@ from .modeling.checkpoint_files import (
     _require,
     _weight_file_names,
     check_loading_info,
-    saved_weights_digest,
+    saved_config_values,
     verify_weight_files,
 )
 from .modeling.configuration_amoeba import SUPPORTED_SOURCE_TYPES, AmoebaConfig
@@ -66,7 +66,7 @@ def check_push_folder(folder: str | os.PathLike) -> list[Path]:
         raise FileNotFoundError(f"{folder} is not a checkpoint folder (it has no config.json)")
     files = _regular_files(folder)
     config = _checked_config(folder)
-    verify_weight_files(folder, {}, saved_weights_digest(folder, {}))
+    verify_weight_files(folder, {}, saved_config_values(folder, {}))
     _check_weights_match_config(folder, config)
     return files
 

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.modeling.checkpoint_files import WEIGHT_HASHES_FILE, CheckpointMismatchError, weights_digest
-from amoeba_hf.modeling.configuration_amoeba import AmoebaConfigError
+from amoeba_hf.modeling.configuration_amoeba import AmoebaConfigError, weight_layout
 from amoeba_hf.modeling.modeling_amoeba import SHAPE_SPACE_KEYS
 
 IDS = torch.tensor([[5, 17, 33, 8, 91, 4]])
@@ -106,6 +106,35 @@ def test_weights_of_another_stage_are_refused(folders, tmp_path):
         AutoModelForCausalLM.from_pretrained(mixed, trust_remote_code=True)
 
 
+def test_weights_of_another_stage_without_their_record_are_refused(folders, tmp_path):
+    """The same mix with the hash record deleted: the weight files themselves are hashed and compared."""
+    mixed = shutil.copytree(folders["calibrated"], tmp_path / "mixed")
+    shutil.copy(folders["plain"] / "model.safetensors", mixed / "model.safetensors")
+    (mixed / WEIGHT_HASHES_FILE).unlink()
+    message = "^the weights of .* are not the ones this config.json was saved with.* its weight files \\(it has no"
+    with pytest.raises(CheckpointMismatchError, match=message):
+        AmoebaForCausalLM.from_pretrained(mixed)
+    (mixed / "model.safetensors").unlink()
+    shutil.copy(folders["calibrated"] / "model.safetensors", mixed / "model.safetensors")
+    model = AmoebaForCausalLM.from_pretrained(mixed).eval()
+    torch.testing.assert_close(full_logits(model), full_logits(calibrated_model().eval()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("key", LAYOUT_CHANGES)
+def test_weight_layout_edited_in_config_json_is_refused(folders, tmp_path, key):
+    """An edit of config.json's weight layout would change what every stored weight means (t13 of the sweep:
+    attention_unit switched on a calibrated checkpoint loaded, and its full shape was no longer the base model)."""
+    edited = shutil.copytree(folders["calibrated"], tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    config[key] = LAYOUT_CHANGES[key]
+    (edited / "config.json").write_text(json.dumps(config))
+    message = "^the weights of .* are not the ones this config.json was saved with.*or config.json's layout edited"
+    with pytest.raises(CheckpointMismatchError, match=message):
+        AmoebaForCausalLM.from_pretrained(edited)
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(edited, trust_remote_code=True)
+
+
 @pytest.mark.parametrize("name", ["plain", "calibrated"])
 def test_round_trips_record_the_weights_digest(folders, tmp_path, name):
     """Save, load, save again: the full shape stays the model's, config.json's digest names the weights beside it,
@@ -114,7 +143,8 @@ def test_round_trips_record_the_weights_digest(folders, tmp_path, name):
     model.save_pretrained(tmp_path / "again")
     for folder in (folders[name], tmp_path / "again"):
         hashes = json.loads((folder / WEIGHT_HASHES_FILE).read_text())
-        assert json.loads((folder / "config.json").read_text())["weights_digest"] == weights_digest(hashes)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["weights_digest"] == weights_digest(hashes, weight_layout(config))
     reloaded = AmoebaForCausalLM.from_pretrained(tmp_path / "again").eval()
     torch.testing.assert_close(full_logits(reloaded), full_logits(model), rtol=0, atol=0)
     shaped = AmoebaForCausalLM.from_pretrained(

@@ -3,9 +3,11 @@
 `save_pretrained` records the sha256 of every weight file in `weights_sha256.json` (each shard and the shards' index
 of a sharded save); `from_pretrained` verifies it, so a file with flipped bytes is refused instead of loading silently
 wrong weights, and a missing shard is refused by name. config.json records the digest of that
-record, so weight files of another stage (an uncalibrated model's weights and record copied into a calibrated folder,
-whose config.json says how the weights are permuted) are refused too. A checkpoint without the record (saved
-by other code) still gets a structural check of each safetensors file, which catches truncation. After loading,
+record and of its own weight-layout fields (`weight_layout`), so weight files of another stage (an uncalibrated model's
+weights copied into a calibrated folder, whose config.json says how the weights are permuted, with or without their
+record) and a hand-edited `attention_unit` are refused too. A checkpoint without the record still gets a structural
+check of each safetensors file, which catches truncation, and, if its config.json has a digest, a check of the files
+against it. After loading,
 weights the config expects but the checkpoint lacks, or holds but the config does not describe (a config.json claiming
 7 layers over 6-layer weights), are refused too, instead of being filled with random values or dropped.
 
@@ -17,10 +19,13 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 from pathlib import Path
 
 from transformers.utils import cached_file
+
+from .configuration_amoeba import weight_layout
 
 CONFIG_FILE = "config.json"
 WEIGHT_HASHES_FILE = "weights_sha256.json"
@@ -64,16 +69,18 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def weights_digest(hashes: dict[str, str]) -> str:
-    """One sha256 for a set of weight files, from their names and digests: what config.json records as
-    `weights_digest`."""
-    return hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+def weights_digest(hashes: dict[str, str], layout: Mapping[str, Any] | None = None) -> str:
+    """One sha256 for a set of weight files, from their names and digests, and for the config's `layout` (its
+    `weight_layout`, which says what the weights mean): what config.json records as `weights_digest`."""
+    payload = hashes if layout is None else {"files": hashes, "layout": dict(layout)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def record_weight_hashes(folder: str | os.PathLike) -> Path:
     """Write `weights_sha256.json`: the sha256 of every safetensors file in `folder` (each shard of a sharded save)
-    and of the shards' index, which says where each tensor lives, and their `weights_digest` into the folder's
-    config.json. config.json is written before the weights, so the digest is added to it afterwards."""
+    and of the shards' index, which says where each tensor lives, and their `weights_digest` (with config.json's
+    `weight_layout`) into the folder's config.json. config.json is written before the weights, so the digest is added
+    to it afterwards."""
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if (folder / WEIGHTS_INDEX_FILE).is_file():
@@ -84,17 +91,17 @@ def record_weight_hashes(folder: str | os.PathLike) -> Path:
     config_path = folder / CONFIG_FILE
     if config_path.is_file():
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["weights_digest"] = weights_digest(hashes)
+        config["weights_digest"] = weights_digest(hashes, weight_layout(config))
         write_text_atomically(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
 
 
-def verify_weight_files(source: str | os.PathLike, load_kwargs: dict, expected_digest: str | None = None) -> None:
+def verify_weight_files(source: str | os.PathLike, load_kwargs: dict, saved: Mapping[str, Any] | None = None) -> None:
     """Refuse weight files of `source` (a folder or a Hub id) that differ from the hashes recorded at save, or that
-    are not whole safetensors files, or (given config.json's `expected_digest`) whose record is not the one
-    config.json was saved with. Without the record only the files' structure is checked: the record is what links
-    them to config.json. Files are fetched with the download options of `from_pretrained`'s `load_kwargs`, so
-    loading then finds them in the cache.
+    are not whole safetensors files, or (given the values `saved` of config.json, which name the weights it was saved
+    with in `weights_digest`) that are not the ones config.json was saved with, or whose config.json's weight layout
+    was edited since. Without the record the files themselves are hashed for that comparison. Files are fetched with
+    the download options of `from_pretrained`'s `load_kwargs`, so loading then finds them in the cache.
     """
     download = {key: load_kwargs[key] for key in DOWNLOAD_OPTIONS if key in load_kwargs}
 
@@ -118,21 +125,30 @@ def verify_weight_files(source: str | os.PathLike, load_kwargs: dict, expected_d
                     f"{name} of {source} is corrupt or truncated: its sha256 differs from the one recorded in "
                     f"{WEIGHT_HASHES_FILE} when it was saved; re-download the checkpoint or save it again"
                 )
-        found = weights_digest(hashes)
-        if expected_digest is not None and found != expected_digest:
-            raise CheckpointMismatchError(
-                f"the weights of {source} are not the ones this config.json was saved with: its weights_digest "
-                f"{expected_digest[:12]} names the weight files saved with it, {WEIGHT_HASHES_FILE} there digests to "
-                f"{found[:12]} (weights of another stage or model copied in); put back the weights saved with this "
-                "config.json, or the config.json saved with these weights"
-            )
-        return
-    for name in _weight_file_names(source, locate, load_kwargs.get("variant")):
-        _check_safetensors_layout(_require(locate, name, source, "its weight index"), name, source)
+        origin = WEIGHT_HASHES_FILE
+    else:
+        index_name = _variant_names(load_kwargs.get("variant"))[1]
+        names = _weight_file_names(source, locate, load_kwargs.get("variant"))
+        paths = {name: _require(locate, name, source, "its weight index") for name in names}
+        for name, path in paths.items():
+            _check_safetensors_layout(path, name, source)
+        if locate(index_name) is not None:
+            paths[index_name] = locate(index_name)
+        hashes = {name: file_sha256(path) for name, path in paths.items()}
+        origin = f"its weight files (it has no {WEIGHT_HASHES_FILE})"
+    expected_digest = (saved or {}).get("weights_digest")
+    if expected_digest is not None and weights_digest(hashes, weight_layout(saved)) != expected_digest:
+        layout = ", ".join(f"{key}={value!r}" for key, value in weight_layout(saved).items()) or "all defaults"
+        raise CheckpointMismatchError(
+            f"the weights of {source} are not the ones this config.json was saved with: its weights_digest "
+            f"{expected_digest[:12]} names the weight files saved with it and its weight layout ({layout}), which "
+            f"{origin} do not match (weights of another stage or model copied in, or config.json's layout edited, "
+            "which only calibration changes); put back the weights and config.json saved together"
+        )
 
 
-def saved_weights_digest(source: str | os.PathLike, load_kwargs: dict) -> str | None:
-    """The `weights_digest` in `source`'s config.json: None when it has none (saved by other code) or no config.json."""
+def saved_config_values(source: str | os.PathLike, load_kwargs: dict) -> dict[str, Any] | None:
+    """The values in `source`'s config.json: None when it has none or it is not a JSON object."""
     download = {key: load_kwargs[key] for key in DOWNLOAD_OPTIONS if key in load_kwargs}
     path = cached_file(source, CONFIG_FILE, _raise_exceptions_for_missing_entries=False, **download)
     if path is None:
@@ -141,7 +157,7 @@ def saved_weights_digest(source: str | os.PathLike, load_kwargs: dict) -> str | 
         config = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError:
         return None
-    return config.get("weights_digest") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else None
 
 
 def check_loading_info(source: str | os.PathLike, expected_keys: Iterable[str], loading_info: dict) -> None:
@@ -197,14 +213,19 @@ def _require(locate: Callable[[str], str | None], name: str, source: str | os.Pa
     return path
 
 
+def _variant_names(variant: str | None) -> tuple[str, str]:
+    """The single weight file's and the shard index's names for a `variant` ("fp16": model.fp16.safetensors)."""
+    if not variant:
+        return WEIGHTS_FILE, WEIGHTS_INDEX_FILE
+    infix = f".{variant}.safetensors"
+    return WEIGHTS_FILE.replace(".safetensors", infix), WEIGHTS_INDEX_FILE.replace(".safetensors", infix)
+
+
 def _weight_file_names(
     source: str | os.PathLike, locate: Callable[[str], str | None], variant: str | None
 ) -> list[str]:
     """The safetensors files transformers will load: the shards of the index if there is one, else the single file."""
-    single, index_name = WEIGHTS_FILE, WEIGHTS_INDEX_FILE
-    if variant:
-        single = single.replace(".safetensors", f".{variant}.safetensors")
-        index_name = index_name.replace(".safetensors", f".{variant}.safetensors")
+    single, index_name = _variant_names(variant)
     index = locate(index_name)
     if index is None:
         return [single] if locate(single) is not None else []

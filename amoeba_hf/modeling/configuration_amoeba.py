@@ -1,6 +1,7 @@
 """Configuration of the any-shape model: a Llama-style architecture plus the shape space it can be cut to."""
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 from huggingface_hub.dataclasses import strict
@@ -243,4 +244,19 @@ class AmoebaConfig(LlamaConfig):
             )
 
 
-__all__ = ["ATTENTION_UNITS", "SUPPORTED_SOURCE_TYPES", "WEIGHT_LAYOUT_FIELDS", "AmoebaConfig", "AmoebaConfigError"]
+def weight_layout(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The `WEIGHT_LAYOUT_FIELDS` of a config's values that differ from their defaults: what `weights_digest` ties to
+    the weight files, so an edit of them in config.json is refused. Defaults are left out because a saved config.json
+    may omit them, and so that a field added in a later version leaves earlier checkpoints' digests valid."""
+    defaults = {field.name: field.default for field in dataclasses.fields(AmoebaConfig)}
+    return {key: values[key] for key in WEIGHT_LAYOUT_FIELDS if key in values and values[key] != defaults[key]}
+
+
+__all__ = [
+    "ATTENTION_UNITS",
+    "SUPPORTED_SOURCE_TYPES",
+    "WEIGHT_LAYOUT_FIELDS",
+    "AmoebaConfig",
+    "AmoebaConfigError",
+    "weight_layout",
+]

@@ -53,7 +53,7 @@ from .checkpoint_files import (
     CALIBRATION_BUFFERS,
     check_loading_info,
     record_weight_hashes,
-    saved_weights_digest,
+    saved_config_values,
     verify_weight_files,
 )
 from .configuration_amoeba import ATTENTION_UNITS, SMOL_TARGETS, SUPPORTED_SOURCE_TYPES, AmoebaConfig
@@ -892,8 +892,8 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
 
         Before loading, each weight file is checked against the sha256 recorded when it was saved (or, for checkpoints
         without that record, for truncation): `CorruptWeightsError`, an OSError; weight files other than the ones
-        config.json was saved with (its `weights_digest`: another stage's weights copied in) raise
-        `CheckpointMismatchError`, a ValueError. After loading, weights that config.json expects but the checkpoint
+        config.json was saved with, or a config.json whose weight layout was edited since (its `weights_digest`
+        covers both), raise `CheckpointMismatchError`, a ValueError. After loading, weights that config.json expects but the checkpoint
         lacks, or holds but config.json does not describe, raise `CheckpointMismatchError` too. A caller passing
         `output_loading_info=True` gets the stock `(model, loading_info)` instead of that second check, and judges the
         loading info itself. Keyword arguments naming config fields are validated with config.json's values (see
@@ -904,10 +904,13 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         if pretrained_model_name_or_path is not None and from_files:
             config = kwargs.get("config")
             if isinstance(config, PreTrainedConfig):
-                digest = getattr(config, "weights_digest", None)
+                saved = config.to_dict()
             else:
-                digest = saved_weights_digest(config or pretrained_model_name_or_path, kwargs)
-            verify_weight_files(pretrained_model_name_or_path, kwargs, digest)
+                saved = saved_config_values(config or pretrained_model_name_or_path, kwargs)
+                if saved is not None and saved.get("model_type") == AmoebaConfig.model_type:
+                    # An invalid config.json is named as such before its weights are compared with it.
+                    AmoebaConfig.from_dict(saved)
+            verify_weight_files(pretrained_model_name_or_path, kwargs, saved)
         if not return_loading_info:
             # Weights of another shape than the config's (an edited num_key_value_heads, say) then reach the check
             # below, which names them, instead of a RuntimeError pointing at a report in the log.
