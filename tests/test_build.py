@@ -12,6 +12,8 @@ from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer
 from safetensors.torch import load_file
 
 from amoeba_hf.cli import main
+from amoeba_hf.data import C4_SAMPLE
+from amoeba_hf.pipeline.build import HELD_OUT, BuildSettings, BuildWork, data_step
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +26,7 @@ def tiny_source_dir(tmp_path_factory) -> Path:
 
 def build_command(source: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "amoeba_hf.cli", "build", "--model", str(source), "--out", str(out),
-            "--steps", "3", "--generated-tokens", "8", "--min-depth", "3"]
+            "--steps", "3", "--min-depth", "3"]
 
 
 def run_build(source: Path, out: Path, fault: str | None = None) -> subprocess.CompletedProcess:
@@ -54,6 +56,8 @@ def test_build_writes_a_complete_checkpoint_loadable_without_amoeba_hf(uninterru
     assert {"model.safetensors", "config.json", "modeling_amoeba.py", "README.md", "frontier.png", "build.log",
             "build_report.json", "amoeba_eval.json", "tokenizer.json"} <= names
     assert not (uninterrupted.parent / f".{uninterrupted.name}.build").exists()
+    assert "2/5 data: the bundled C4 sample, 292 documents for calibration and fine-tuning, 8 held out" in (
+        uninterrupted / "build.log").read_text()
     code = f"""
         import torch
         from transformers import AutoModelForCausalLM
@@ -67,7 +71,7 @@ def test_build_writes_a_complete_checkpoint_loadable_without_amoeba_hf(uninterru
 
 
 @pytest.mark.parametrize("fault", [
-    "data:2:SIGINT", "data:2:SIGKILL", "calibrate:1:SIGINT", "calibrate:1:SIGKILL", "train:2:SIGINT", "train:1:SIGKILL",
+    "calibrate:1:SIGINT", "calibrate:1:SIGKILL", "train:2:SIGINT", "train:1:SIGKILL",
 ])
 def test_interrupted_build_resumes_to_the_uninterrupted_result(tiny_source_dir, uninterrupted, tmp_path, fault):
     out = tmp_path / "build"
@@ -80,8 +84,9 @@ def test_interrupted_build_resumes_to_the_uninterrupted_result(tiny_source_dir, 
     resumed = run_build(tiny_source_dir, out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     log = (out / "build.log").read_text()
-    if stage != "data":
-        assert log.count("2/5 generate") == 1, "finished steps must not run again"
+    assert log.count("2/5 data") == 1, "finished steps must not run again"
+    if stage == "train":
+        assert log.count("3/5 calibrate") == 1
     assert (out / "model.safetensors").read_bytes() == (uninterrupted / "model.safetensors").read_bytes()
 
 
@@ -108,6 +113,17 @@ def test_two_process_build_writes_the_checkpoint_of_the_one_process_build(tiny_s
     reference = {(r["model"], r["depth"], r["width"]): r["perplexity"]
                  for r in json.loads((uninterrupted / "build_report.json").read_text())["rows"]}
     assert rows.keys() == reference.keys() and all(abs(rows[k] / reference[k] - 1) < 1e-4 for k in rows)
+
+
+def test_default_data_is_the_bundled_c4_sample_with_its_last_documents_held_out(tmp_path):
+    documents = [json.loads(line)["text"] for line in C4_SAMPLE.read_text(encoding="utf-8").splitlines()]
+    assert len(documents) == 300 and all(documents)
+    data = data_step(BuildWork(tmp_path), BuildSettings())
+    trained = [json.loads(line)["text"] for line in Path(data.train_files[0]).read_text().splitlines()]
+    assert data.calibration_file == data.train_files[0] and trained == documents[:-HELD_OUT]
+    assert Path(data.eval_file).read_text() == "\n".join(documents[-HELD_OUT:]) + "\n"
+    assert not set(trained) & set(documents[-HELD_OUT:])
+    assert data_step(BuildWork(tmp_path), BuildSettings(eval_data="wiki.txt")).eval_file == "wiki.txt"
 
 
 def test_build_bad_input_is_one_line_and_overwrites_nothing(tiny_source_dir, tmp_path, capsys, monkeypatch):

@@ -3,7 +3,9 @@
 import ast
 import configparser
 import re
+import subprocess
 import sys
+import zipfile
 from importlib.metadata import PackageNotFoundError, packages_distributions, requires
 from pathlib import Path
 
@@ -74,3 +76,16 @@ def test_the_import_walk_sees_the_imports_it_checks():
     imports = _third_party_imports()
     assert {"torch", "transformers", "datasets", "lm_eval"} <= set(imports)
     assert {"torch", "transformers", "accelerate", "datasets", "safetensors"} <= _install_closure()
+
+
+def test_the_wheel_ships_the_bundled_text_and_its_licence(tmp_path):
+    """`amoeba build` without `--data` reads amoeba_hf/data/c4_sample.jsonl: a non-editable install must carry it."""
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path), str(ROOT)], check=False, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = tmp_path.glob("amoeba_hf-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        shipped = archive.read("amoeba_hf/data/c4_sample.jsonl")
+    assert {"amoeba_hf/data/__init__.py", "amoeba_hf/data/README.md"} <= names
+    assert shipped == (PACKAGE / "data" / "c4_sample.jsonl").read_bytes()

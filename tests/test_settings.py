@@ -34,7 +34,7 @@ KNOWN_FLAGS = {
              + TRAINER_FLAGS + LOAD_FLAGS + SAVE_FLAGS,
     "eval": "--shapes --tasks --data-dir --out --limit --mmlu-limit --seed --ppl-window --ppl-stride --ppl-tokens "
             "--batch-size" + LOAD_FLAGS,
-    "build": "--model --data --eval-data --preset --out --min-depth --steps --generated-tokens --seed --batch-size "
+    "build": "--model --data --eval-data --preset --out --min-depth --steps --seed --batch-size "
              "--per-device-train-batch-size" + TRAINER_FLAGS + LOAD_FLAGS + SAVE_FLAGS,
     "profile": "--shapes --modes --prompt-lengths --batch-sizes --new-tokens --repeats --threads --dtype --device",
 }
@@ -131,13 +131,11 @@ def test_presets_are_the_stage_settings_of_the_documented_table():
         finetuning = preset.finetuning
         assert (finetuning.learning_rate, finetuning.lr_schedule, finetuning.distill_teacher) == (1e-3, "cosine", "base")
         assert not finetuning.router_noise and finetuning.experts == 5
-    assert (quick.generated_tokens, quick.eval_tokens, standard.generated_tokens, standard.eval_tokens) == (
-        96, 2048, 192, 8192)
+    assert (quick.eval_tokens, standard.eval_tokens) == (2048, 8192)
 
 
 def test_build_settings_apply_overrides_and_distil_from_the_base_on_any_data():
-    generated = BuildSettings(preset="standard", steps=6, generated_tokens=8, min_depth=3, seed=4)
-    assert generated.resolved_preset().generated_tokens == 8
+    generated = BuildSettings(preset="standard", steps=6, min_depth=3, seed=4)
     finetuning = generated.finetuning(["train.jsonl"])
     assert finetuning == replace(PRESETS["standard"].finetuning, data=["train.jsonl"], steps=6, save_steps=2, seed=4)
     calibration = generated.calibration("train.jsonl")
@@ -157,7 +155,6 @@ def test_learning_rate_schedule_reaches_the_trainer_and_is_checked(tmp_path):
 @pytest.mark.parametrize("settings, message", [
     (BuildSettings(preset="huge"), "unknown preset 'huge'; choose from quick, standard"),
     (BuildSettings(steps=0), "steps must be >= 1, got 0"),
-    (BuildSettings(generated_tokens=0), "generated_tokens must be >= 1, got 0"),
     (BuildSettings(min_depth=0), "min_depth must be >= 1, got 0"),
 ])
 def test_build_settings_validate_in_one_place(settings, message):

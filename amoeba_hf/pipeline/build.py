@@ -1,7 +1,7 @@
 """`amoeba build`: convert, calibrate (Stage 1), fine-tune one-for-all (Stage 2), evaluate, save — resumable.
 
 Every step writes into a work folder beside the output (`.<out>.build/`) and is skipped when its result exists;
-steps that take long (data generation, the DP, training) also save progress inside, so re-running the same
+steps that take long (calibration, training) also save progress inside, so re-running the same
 command after an interruption continues where it stopped and ends with the same result. The work folder's
 `fingerprint.json` (`build_fingerprint`) refuses a re-run with other settings, model or data.
 """
@@ -26,13 +26,20 @@ from transformers import TrainerCallback
 
 from ..evaluation.scoring import perplexity
 from ..fingerprint import Fingerprint, data_digests, settings_record, source_identity
-from ..io import DEFAULT_MAX_SHARD_SIZE, SaveSettings, ensure_free_output_dir, save_checkpoint, staged_checkpoint
+from ..data import C4_SAMPLE
+from ..io import (
+    DEFAULT_MAX_SHARD_SIZE,
+    SaveSettings,
+    ensure_free_output_dir,
+    save_checkpoint,
+    staged_checkpoint,
+    write_text_atomically,
+)
 from ..placement import LoadSettings, input_device
 from ..plotting import png_figure
 from ..selection.calibrate import CalibrationSettings, calibrate
 from ..training.data import encode_documents, is_file_source
 from ..training.finetune import FinetuneSettings, TrainerSettings, finetune, trainer_record
-from ..training.self_generated import SEED_INSTRUCTIONS, generate_self_data
 from .sources import check_source, load_or_convert
 
 HELD_OUT = 8
@@ -50,18 +57,17 @@ class BuildPreset:
     every shape from the frozen base model (KL on whatever text the build trains on), at lr 1e-3 decayed to 0, the
     recipe that measured best on real text (docs/benchmarks.md, "Shape quality"). Router noise is off: on budgets
     of hundreds of steps it scatters each shape's updates over random experts (benchmarks/bench_oneforall.py); the
-    paper's noise is for ~10K steps (`amoeba train` keeps it on). Depth bridges are off: measured without fine-tuning
-    only (docs/benchmarks.md), so the builds stay the recipe their published numbers come from.
+    paper's noise is for ~10K steps (`amoeba train` keeps it on). Depth bridges are off:
+    measured without fine-tuning only (docs/benchmarks.md), so the builds stay the recipe their published numbers
+    come from.
     """
 
-    generated_tokens: int
     calibration: CalibrationSettings
     finetuning: FinetuneSettings
     eval_tokens: int
 
 
 QUICK = BuildPreset(
-    generated_tokens=96,
     calibration=CalibrationSettings(samples=8, seq_len=128, depth_method="block-influence", widths=list(BUILD_WIDTHS),
                                     depth_bridges=False),
     finetuning=FinetuneSettings(steps=150, batch_size=2, grad_accum=1, learning_rate=1e-3, lr_schedule="cosine",
@@ -72,7 +78,6 @@ QUICK = BuildPreset(
 PRESETS = {
     "quick": QUICK,
     "standard": BuildPreset(
-        generated_tokens=192,
         calibration=replace(QUICK.calibration, samples=16, seq_len=256),
         finetuning=replace(QUICK.finetuning, steps=700, max_prompt_tokens=256, max_response_tokens=128),
         eval_tokens=8192,
@@ -89,8 +94,8 @@ class BuildSettings:
     )
     data: list[str] | None = field(
         default=None,
-        metadata={"help": "calibration/fine-tuning files (default: the base model answers bundled prompts)",
-                  "nargs": "+"},
+        metadata={"help": "calibration/fine-tuning files (default: the bundled C4 sample, its last 8 documents held "
+                          "out)", "nargs": "+"},
     )
     eval_data: str | None = field(default=None, metadata={"help": "text file for the final perplexity table"})
     preset: str = field(
@@ -105,10 +110,7 @@ class BuildSettings:
         metadata={"help": "override the preset's sequences per device and micro-batch (with N processes, the "
                           "preset's / N keeps its global batch)", "aliases": ("--per-device-train-batch-size",)},
     )
-    generated_tokens: int | None = field(
-        default=None, metadata={"help": "override the preset's length of each self-generated answer"}
-    )
-    seed: int = field(default=0, metadata={"help": "seed of data generation, calibration and fine-tuning"})
+    seed: int = field(default=0, metadata={"help": "seed of calibration and fine-tuning"})
 
     def validate(self) -> None:
         """Everything that can be checked before a folder is made or a model is loaded."""
@@ -119,16 +121,11 @@ class BuildSettings:
                 raise FileNotFoundError(f"data file {path} does not exist or is not readable")
         if self.min_depth is not None and self.min_depth < 1:
             raise ValueError(f"min_depth must be >= 1, got {self.min_depth}")
-        generated_tokens = self.resolved_preset().generated_tokens
-        if generated_tokens < 1:
-            raise ValueError(f"generated_tokens must be >= 1, got {generated_tokens}")
         self.finetuning([]).validate()
 
     def resolved_preset(self) -> BuildPreset:
         """The preset with this build's overrides applied."""
         preset = PRESETS[self.preset]
-        if self.generated_tokens is not None:
-            preset = replace(preset, generated_tokens=self.generated_tokens)
         if self.steps is not None:
             preset = replace(preset, finetuning=replace(preset.finetuning, steps=self.steps))
         if self.batch_size is not None:
@@ -294,7 +291,7 @@ def build(
 
     with state.main_process_first():
         base, tokenizer = convert_step(work, settings, load)
-        data = data_step(work, settings, preset, base, tokenizer)
+        data = data_step(work, settings)
         eval_ids = torch.tensor(encode_documents(tokenizer, [Path(data.eval_file).read_text()], preset.eval_tokens))
         model, tokenizer = calibrate_step(work, settings.calibration(data.calibration_file), base, tokenizer, load)
         del base
@@ -322,7 +319,7 @@ def build_fingerprint(settings: BuildSettings, load: LoadSettings, trainer_setti
     return Fingerprint(
         {**settings_record(settings, load), **trainer_record(trainer_settings.training_arguments()),
          "the --preset's definition": hashlib.sha256(definition.encode()).hexdigest()[:16]},
-        source_identity(settings.model), data_digests([*(settings.data or []), settings.eval_data]),
+        source_identity(settings.model), data_digests([*(settings.data or [str(C4_SAMPLE)]), settings.eval_data]),
     )
 
 
@@ -337,28 +334,21 @@ def convert_step(work: BuildWork, settings: BuildSettings, load: LoadSettings | 
     return load_or_convert(str(converted), load)
 
 
-def data_step(work: BuildWork, settings: BuildSettings, preset: BuildPreset, base, tokenizer) -> BuildData:
-    """2/5: the user's files, or the base model's answers to the bundled instructions (the last ones held out)."""
+def data_step(work: BuildWork, settings: BuildSettings) -> BuildData:
+    """2/5: the user's files, or the bundled C4 sample: all but its last `HELD_OUT` documents for calibration and
+    fine-tuning, those for the final perplexity table (unless `--eval-data` names another text)."""
     if settings.data:
         return BuildData(settings.data[0], list(settings.data), settings.eval_data or settings.data[0])
-    generated = work.folder / "self_generated.jsonl"
-    complete = generated.exists() and len(generated.read_text().splitlines()) >= len(SEED_INSTRUCTIONS)
-    if not complete:
-        message = f"2/5 generate calibration and fine-tuning data with the base model ({len(SEED_INSTRUCTIONS)} answers)"
+    train_part, held_out = work.folder / "train_data.jsonl", work.folder / "held_out.txt"
+    if not (train_part.exists() and held_out.exists()):
+        documents = [json.loads(line)["text"] for line in C4_SAMPLE.read_text(encoding="utf-8").splitlines()]
+        message = (f"2/5 data: the bundled C4 sample, {len(documents) - HELD_OUT} documents for calibration and "
+                   f"fine-tuning, {HELD_OUT} held out")
         with work.step("data", message):
-            generate_self_data(base, tokenizer, generated, max_new_tokens=preset.generated_tokens, seed=settings.seed,
-                               on_batch=_fault("data"))
-    records = [json.loads(line) for line in generated.read_text().splitlines()]
-    train_part = work.folder / "train_data.jsonl"
-    if not train_part.exists():
-        train_part.write_text("".join(json.dumps(r) + "\n" for r in records[:-HELD_OUT]))
-    eval_file = settings.eval_data
-    if eval_file is None:
-        held_out = work.folder / "held_out.txt"
-        if not held_out.exists():
-            held_out.write_text("\n".join(r["text"] for r in records[-HELD_OUT:]) + "\n")
-        eval_file = str(held_out)
-    return BuildData(str(train_part), [str(train_part)], eval_file)
+            records = "".join(json.dumps({"text": text}) + "\n" for text in documents[:-HELD_OUT])
+            write_text_atomically(train_part, records)
+            write_text_atomically(held_out, "\n".join(documents[-HELD_OUT:]) + "\n")
+    return BuildData(str(train_part), [str(train_part)], settings.eval_data or str(held_out))
 
 
 def calibrate_step(work: BuildWork, calibration: CalibrationSettings, base, tokenizer, load: LoadSettings | None):
