@@ -66,10 +66,15 @@ class Step:
 
 CONVERT = Step("base", ("convert",))  # shared by the recipes, not counted in their minutes
 CALIBRATION = ("calibrate", "--data", C4, "--widths", WIDTHS, "--depth-method", "block-influence")
-CALIBRATE_BI = Step("cal_bi", (*CALIBRATION, "--no-depth-bridges"), "base")  # the recipes of issue 13: no bridges
+# the recipes of issue 13: no bridges, no width compensation
+CALIBRATE_BI = Step("cal_bi", (*CALIBRATION, "--no-depth-bridges", "--no-width-compensation"), "base")
 CALIBRATE_QH = Step("cal_qh", (*CALIBRATE_BI.args, "--attention-unit", "query_heads"), "base")
 CALIBRATE_QH_GLOBAL = Step("cal_qh_global", (*CALIBRATE_QH.args, "--width-mode", "global"), "base")
-CALIBRATE_BRIDGES = Step("cal_bi_bridges", (*CALIBRATION, "--depth-bridges"), "base")
+CALIBRATE_BRIDGES = Step("cal_bi_bridges", (*CALIBRATION, "--depth-bridges", "--no-width-compensation"), "base")
+# width compensation as first measured (ridge 1e-2; the default is now 0.1, chosen on the development set)
+COMPENSATION = ("--width-compensation", "--compensation-ridge", "0.01")
+CALIBRATE_COMPENSATION = Step("cal_bi_comp", (*CALIBRATION, "--no-depth-bridges", *COMPENSATION), "base")
+CALIBRATE_CLOSED_FORM = Step("cal_bi_closed_form", (*CALIBRATION, "--depth-bridges", *COMPENSATION), "base")
 FINAL = Step("final", ("build", "--preset", "standard", "--data", C4, ALPACA))
 
 
@@ -82,6 +87,8 @@ def train(name: str, source: str, *extra: str) -> Step:
 RECIPES: dict[str, tuple[Step, ...]] = {
     "no_recovery": (CALIBRATE_BI,),
     "bridges": (CALIBRATE_BRIDGES,),
+    "compensation": (CALIBRATE_COMPENSATION,),
+    "closed_form": (CALIBRATE_CLOSED_FORM,),
     "query_heads": (CALIBRATE_QH,),
     "query_heads_global": (CALIBRATE_QH_GLOBAL,),
     "reconstruction": (CALIBRATE_BI, Step("recon", ("reconstruct", "--data", C4, "--samples", "8", "--steps", "16",
@@ -97,6 +104,9 @@ RECIPES: dict[str, tuple[Step, ...]] = {
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
     "bridges": "no recovery + depth bridges (a least-squares map per removed span, merged into down_proj; issue 22)",
+    "compensation": "no recovery + width compensation (least-squares update of o_proj/down_proj's kept columns per "
+                    "grid width, rank 32, ridge 1e-2, merged on export; issue 22)",
+    "closed_form": "closed-form recovery, no gradient step: depth bridges + width compensation (issue 22)",
     "query_heads": "lever 1: query heads inside KV groups (uniform widths), no recovery",
     "query_heads_global": "lever 1: query heads inside KV groups, global widths (FLAP), no recovery",
     "reconstruction": "lever 2: local reconstruction (`amoeba reconstruct`, 8 C4 blocks, 16 steps per layer)",

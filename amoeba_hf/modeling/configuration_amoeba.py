@@ -13,7 +13,8 @@ WIDTH_MODES = ("uniform", "global")
 ATTENTION_UNITS = ("kv_groups", "query_heads")
 # What the stored weights mean: their layout (`attention_unit`) and the calibration results they carry. Calibration sets
 # them together with the weights, so a config.json value is never overridden by a keyword argument of `from_pretrained`.
-WEIGHT_LAYOUT_FIELDS = ("attention_unit", "width_mode", "bias_compensation", "depth_bridges")
+WEIGHT_LAYOUT_FIELDS = ("attention_unit", "width_mode", "bias_compensation", "depth_bridges", "width_compensation",
+                        "width_compensation_rank")
 # The sizes of the stored tensors: a keyword argument changing one would build a model the weights do not fit.
 WEIGHT_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                       "num_key_value_heads", "head_dim")
@@ -61,6 +62,13 @@ class AmoebaConfig(LlamaConfig):
     keeps layer i, removes layers i+1..j and keeps layer j+1 (or ends at j); export merges it into that layer's
     down_proj (`W <- T W`). A span starting at layer 0 has no kept layer before it and no bridge. `None`: none.
 
+    `width_compensation` lists the grid widths (below 1, descending) calibration fitted a width compensation for, with
+    `width_compensation_rank` its rank: per layer, o_proj and down_proj get a least-squares update of their kept input
+    columns, `W_K <- W_K + B A` with A (r x kept columns) and B (out x r) float32, stored as
+    `{o_proj,down_proj}.width_correction_A.{key}` / `width_correction_B.{key}` (key: the width with `_` for the
+    point), r = min(rank, kept columns, out). Only with uniform widths, whose kept columns per layer do not depend on
+    the depth. `None`: none.
+
     `depth` / `width` name the shape the model opens at after `from_pretrained` (`None`: all layers, width 1.0).
     Keyword arguments of `from_pretrained` set them, so `pipeline(model_kwargs=...)` and lm-eval's stock `hf`
     model can ask for a shape; saved with the config, they make a checkpoint open at that shape by default.
@@ -93,6 +101,8 @@ class AmoebaConfig(LlamaConfig):
     base_model: str | None = None
     base_model_license: str | None = None
     depth_bridges: list[list[int]] | None = None
+    width_compensation: list[float] | None = None
+    width_compensation_rank: int = 32
     smol_experts: int = 0
     smol_top_k: int = 2
     smol_rank: int = 8
@@ -181,6 +191,8 @@ class AmoebaConfig(LlamaConfig):
             self._validate_depth_table(num_layers)
         if self.depth_bridges is not None:
             self._validate_depth_bridges(num_layers)
+        if self.width_compensation is not None:
+            self._validate_width_compensation()
         if self.smol_experts < 0 or (self.smol_experts and not 1 <= self.smol_top_k <= self.smol_experts):
             raise AmoebaConfigError(
                 f"smol_experts must be >= 0 and smol_top_k in [1, smol_experts], got {self.smol_experts} and "
@@ -216,6 +228,24 @@ class AmoebaConfig(LlamaConfig):
                 )
         if pairs != sorted(set(pairs)):
             raise AmoebaConfigError(f"depth_bridges must be sorted and unique, got {self.depth_bridges}")
+
+    def _validate_width_compensation(self) -> None:
+        """Descending unique widths in [min_width, 1), uniform widths (the fitted columns are fixed per layer), rank
+        >= 1."""
+        widths = self.width_compensation
+        if not widths or any(isinstance(w, bool) or not isinstance(w, (int, float)) for w in widths):
+            raise AmoebaConfigError(f"width_compensation must list grid widths below 1, got {widths!r}")
+        if any(not self.min_width <= w < 1.0 for w in widths) or list(widths) != sorted(set(widths), reverse=True):
+            raise AmoebaConfigError(
+                f"width_compensation must be descending, unique widths in [min_width={self.min_width}, 1), got {widths}"
+            )
+        if self.width_mode != "uniform":
+            raise AmoebaConfigError("width_compensation needs width_mode='uniform': with global widths a layer's kept "
+                                    "columns depend on the depth, and one fitted correction cannot serve them all")
+        if type(self.width_compensation_rank) is not int or self.width_compensation_rank < 1:
+            raise AmoebaConfigError(
+                f"width_compensation_rank must be an int >= 1, got {self.width_compensation_rank!r}"
+            )
 
     def _validate_depth_table(self, num_layers: int) -> None:
         """Keys are the depths of the shape space, the full depth among them; each lists that many kept layers."""

@@ -25,6 +25,11 @@ class ElasticLinear(nn.Linear):
     the base weights only). Experts are float32 over a base of any dtype (as peft keeps adapters): their update
     is computed in their dtype and added in the base's.
 
+    An output projection may hold width corrections (`width_correction_A` / `_B`, float32, frozen, one pair per
+    fitted grid width, see `selection/compensation.py`): with one selected, the shape computes with
+    `W[:, kept] + B A[:, kept]` and, with input means, the bias `W[:, pruned] @ mean[pruned] - B A[:, kept] @
+    mean[kept]` (the centred fit's offset). The sum is formed in the weight's dtype, so export writes the same weight.
+
     Inference keeps a contiguous copy of the active weight where computing with the view would be slower
     (`weight_cache_mode`, see `set_weight_cache`): a column prefix `weight[:, :active_in]` is a strided view, and
     with `"merged"` the shape's LoRA update is folded into the copy (two matmuls fewer per token). The copy is
@@ -57,6 +62,9 @@ class ElasticLinear(nn.Linear):
         self.gates: torch.Tensor | None = None
         self._mixed: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._weight_cache: tuple[tuple, tuple, torch.Tensor | None, torch.Tensor | None] | None = None
+        self.width_correction_A: nn.ParameterDict | None = None
+        self.width_correction_B: nn.ParameterDict | None = None
+        self.active_correction: str | None = None
         if experts > 0:
             self.add_experts(experts, rank, alpha, dropout)
 
@@ -75,6 +83,42 @@ class ElasticLinear(nn.Linear):
                 nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
             self.lora_B.zero_()
 
+    def new_corrections(self, sizes: dict[str, tuple[int, int]], device: torch.device | None = None) -> None:
+        """Zero width corrections (no change until set), `sizes[key] = (rank, kept input columns)`, float32 and
+        frozen; `{}` removes them. None is selected after."""
+        def zeros(*shape: int) -> nn.Parameter:
+            return nn.Parameter(torch.zeros(*shape, dtype=torch.float32, device=device), requires_grad=False)
+
+        if sizes:
+            self.width_correction_A = nn.ParameterDict({key: zeros(r, kept) for key, (r, kept) in sizes.items()})
+            self.width_correction_B = nn.ParameterDict({key: zeros(self.out_features, r) for key, (r, _) in
+                                                        sizes.items()})
+        else:
+            self.width_correction_A = self.width_correction_B = None
+        self.active_correction = None
+
+    def select_correction(self, key: str | None) -> None:
+        """Use the width correction stored under `key` (if this projection has one; the model picks a key whose kept
+        columns cover the active ones), or none."""
+        corrections = self.width_correction_A
+        self.active_correction = key if corrections is not None and key in corrections else None
+
+    def correction(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(A sliced to the active input columns, B sliced to the active rows) of the selected correction, or `None`
+        without one or at full input width."""
+        key = self.active_correction
+        if key is None or self.active_in == self.in_features:
+            return None
+        return self.width_correction_A[key][:, : self.active_in], self.width_correction_B[key][: self.active_out]
+
+    def _correction_state(self) -> tuple | None:
+        """What the selected correction's folded weight and bias depend on (cache keys)."""
+        correction = self.correction()
+        if correction is None:
+            return None
+        a, b = self.width_correction_A[self.active_correction], self.width_correction_B[self.active_correction]
+        return self.active_correction, id(a), a._version, id(b), b._version
+
     def set_active(self, active_in: int | None = None, active_out: int | None = None) -> None:
         """Select the prefix of input columns / output rows to use; `None` means all."""
         active_in = self.in_features if active_in is None else active_in
@@ -84,18 +128,24 @@ class ElasticLinear(nn.Linear):
         self.active_in, self.active_out = active_in, active_out
 
     def compensation(self) -> torch.Tensor | None:
-        """`W[:active_out, pruned] @ input_mean[pruned]` in the weight's dtype (accumulated in float32), or `None`
-        without calibration means or pruned inputs; cached per sizes and weight version."""
+        """`W[:active_out, pruned] @ input_mean[pruned]` (less `B A[:, kept] @ input_mean[kept]` with a width
+        correction) in the weight's dtype (accumulated in float32), or `None` without calibration means or pruned
+        inputs; cached per sizes, weight version and correction."""
         mean = getattr(self, "input_mean", None)
         if mean is None or self.active_in == self.in_features:
             return None
         weight = self.weight
         key = (self.active_in, self.active_out, id(weight), weight.data_ptr(), weight._version, weight.dtype,
-               id(mean), mean._version)
+               id(mean), mean._version, self._correction_state())
         if self._compensation is None or self._compensation[0] != key:
             with torch.no_grad():
                 pruned = weight[: self.active_out, self.active_in :].float()
-                value = (pruned @ mean[self.active_in :].to(pruned)).to(weight.dtype)
+                value = pruned @ mean[self.active_in :].to(pruned)
+                correction = self.correction()
+                if correction is not None:
+                    a, b = correction
+                    value = value - b @ (a @ mean[: self.active_in].to(a))
+                value = value.to(weight.dtype)
             self._compensation = (key, value)
         return self._compensation[1]
 
@@ -103,6 +153,16 @@ class ElasticLinear(nn.Linear):
         if self.active_out == self.out_features and self.active_in == self.in_features:
             return self.weight
         return self.weight[: self.active_out, : self.active_in]
+
+    def shape_weight(self) -> torch.Tensor:
+        """Active weight with the selected width correction folded in (`W[:, kept] + B A[:, kept]`, the update cast
+        to the weight's dtype): what the shape computes with and export writes, LoRA aside."""
+        weight = self.active_weight()
+        correction = self.correction()
+        if correction is None:
+            return weight
+        a, b = correction
+        return weight + (b @ a).to(weight.dtype)
 
     def active_bias(self) -> torch.Tensor | None:
         """Bias of the active rows, with the pruned channels' compensation folded in."""
@@ -132,11 +192,11 @@ class ElasticLinear(nn.Linear):
         return mixed_a[:, : self.active_in], mixed_b[: self.active_out]
 
     def merged_weight(self) -> torch.Tensor:
-        """Active weight with the current shape's LoRA update merged in (for export)."""
+        """Shape weight (`shape_weight`) with the current shape's LoRA update merged in (for export)."""
         if self.lora_A is None or self.gates is None:
-            return self.active_weight()
+            return self.shape_weight()
         mixed_a, mixed_b = self.mixed_experts()
-        return self.active_weight() + (self.lora_scaling * (mixed_b @ mixed_a)).to(self.weight.dtype)
+        return self.shape_weight() + (self.lora_scaling * (mixed_b @ mixed_a)).to(self.weight.dtype)
 
     def set_weight_cache(self, mode: str) -> None:
         """`"strided"` (default): cache a contiguous copy where input columns are sliced; `"merged"`: also cache
@@ -164,6 +224,7 @@ class ElasticLinear(nn.Linear):
             key = (
                 self.active_in, self.active_out, merge, None if mean is None else (id(mean), mean._version),
                 id(weight), weight.data_ptr(), weight._version, None if bias is None else (id(bias), bias._version),
+                self._correction_state(),
             )
             if merge:
                 lora_a, lora_b = self.lora_A, self.lora_B
@@ -183,7 +244,7 @@ class ElasticLinear(nn.Linear):
             return None
         if torch.is_grad_enabled() and any(
             tensor is not None and tensor.requires_grad
-            for tensor in (self.weight, self.bias, self.gates, self.lora_A, self.lora_B)
+            for tensor in (self.weight, self.bias, self.gates, self.lora_A, self.lora_B, *(self.correction() or ()))
         ):
             return None
         key = self._weight_cache_key(merge)
@@ -191,13 +252,14 @@ class ElasticLinear(nn.Linear):
             return None
         entry = self._weight_cache
         if entry is None or entry[0] != key:
-            sources = (self.weight, self.bias, getattr(self, "input_mean", None), self.gates, self.lora_A, self.lora_B)
+            sources = (self.weight, self.bias, getattr(self, "input_mean", None), self.gates, self.lora_A, self.lora_B,
+                       *(self.correction() or ()))
             self._weight_cache = (key, sources, None, None)
             return None
         weight, bias = entry[2], entry[3]
         if weight is None:
             with torch.inference_mode(False), torch.no_grad():
-                weight = self.merged_weight() if merge else self.active_weight().contiguous()
+                weight = self.merged_weight() if merge else self.shape_weight().contiguous()
                 bias = self.active_bias()
             self._weight_cache = (key, entry[1], weight, bias)
         return weight, bias, merge
@@ -213,7 +275,7 @@ class ElasticLinear(nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         cached = self.cached_weight()
         if cached is None:
-            output = F.linear(input, self.active_weight(), self.active_bias())
+            output = F.linear(input, self.shape_weight(), self.active_bias())
         else:
             weight, bias, merged = cached
             output = F.linear(input, weight, bias)

@@ -60,7 +60,15 @@ from .configuration_amoeba import ATTENTION_UNITS, SMOL_TARGETS, SUPPORTED_SOURC
 from .elastic_linear import ElasticLinear
 from .model_card import fill_repo_id, read_eval_rows, render_model_card, write_card
 from .shape_router import ShapeRouter
-from .shape_space import GlobalWidthAllocator, LayerWidth, Shape, ShapeSpace, full_layer_sizes
+from .shape_space import (
+    GlobalWidthAllocator,
+    LayerWidth,
+    Shape,
+    ShapeSpace,
+    compensation_key,
+    compensation_sizes,
+    full_layer_sizes,
+)
 from .subnet_export import amoeba_config_from_source, build_subnet, check_local_source
 
 logger = logging.get_logger(__name__)
@@ -338,10 +346,16 @@ class AmoebaDecoderLayer(LlamaDecoderLayer):
         self.mlp = AmoebaMLP(config, size.intermediate_size, layer_idx)
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        for name, linear in self.output_projections():
+            linear.new_corrections(compensation_sizes(config, name, size))
 
     def set_width(self, size: LayerWidth) -> None:
         self.self_attn.set_width(size)
         self.mlp.set_width(size.intermediate_size)
+
+    def output_projections(self) -> tuple[tuple[str, ElasticLinear], tuple[str, ElasticLinear]]:
+        """o_proj and down_proj by name: the projections whose input columns a width removes."""
+        return ("o_proj", self.self_attn.o_proj), ("down_proj", self.mlp.down_proj)
 
 
 def _calibrated(scores: list[torch.Tensor | None]) -> bool:
@@ -358,7 +372,10 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
     _no_split_modules = ["AmoebaDecoderLayer"]
     # Calibration statistics decide which channels a width keeps (bf16 rounding changes the choice) and the experts
     # and router train in float32 over a base of any dtype, as peft keeps adapters.
-    _keep_in_fp32_modules_strict = ["lora_A", "lora_B", "shape_router", "depth_bridges", *CALIBRATION_BUFFERS]
+    _keep_in_fp32_modules_strict = [
+        "lora_A", "lora_B", "shape_router", "depth_bridges", "width_correction_A", "width_correction_B",
+        *CALIBRATION_BUFFERS,
+    ]
     _can_record_outputs = {"hidden_states": AmoebaDecoderLayer, "attentions": AmoebaAttention}
 
     @classmethod
@@ -388,6 +405,9 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
         if isinstance(module, AmoebaMLP) and module.depth_bridges is not None:
             for bridge in module.depth_bridges.values():
                 init.eye_(bridge)
+        if isinstance(module, ElasticLinear) and module.width_correction_A is not None:
+            for correction in (*module.width_correction_A.values(), *module.width_correction_B.values()):
+                init.zeros_(correction)
         if isinstance(module, ElasticLinear) and module.lora_A is not None:
             for expert in module.lora_A:
                 init.kaiming_uniform_(expert, a=math.sqrt(5))
@@ -522,6 +542,7 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         for name, values in named.items():
             if values is not None and len(values) != len(self.layers):
                 raise ValueError(f"{name} must have one entry per layer ({len(self.layers)}), got {len(values)}")
+        self.set_width_compensation(None)
         for index, layer in enumerate(self.layers):
             attention_mean, mlp_mean = (None, None) if input_means is None else input_means[index]
             attention_scores, neuron_scores = (None, None) if importance is None else importance[index]
@@ -555,6 +576,47 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
             layer.mlp.set_bridges({end: value for (kept, end), value in bridges.items() if kept == index})
         self.set_shape(*self._shape)
 
+    def set_width_compensation(
+        self, corrections: dict[tuple[float, int, str], tuple[torch.Tensor, torch.Tensor]] | None, rank: int = 32
+    ) -> None:
+        """Store width corrections (Stage 1, `selection/compensation.py`): `corrections[(width, i, name)] = (A, B)`
+        for layer i's `"o_proj"` or `"down_proj"` at grid width `width`, A (r x kept columns), B (out x r), r =
+        min(rank, kept columns, out); every projection that width prunes needs one (see the config's
+        `width_compensation`). Replaces any previous ones; `None` or `{}` removes them. The current shape is kept."""
+        corrections = dict(corrections or {})
+        previous = self.config.width_compensation, self.config.width_compensation_rank
+        self.config.width_compensation = sorted({width for width, _, _ in corrections}, reverse=True) or None
+        self.config.width_compensation_rank = rank
+        try:
+            self.config.validate_architecture()
+            expected = {}
+            for index, layer in enumerate(self.layers):
+                for name, linear in layer.output_projections():
+                    sizes = compensation_sizes(self.config, name, self.shape_space.full_sizes[index])
+                    for width in self.config.width_compensation or ():
+                        if compensation_key(width) in sizes:
+                            expected[width, index, name] = (*sizes[compensation_key(width)], linear.out_features)
+            if set(corrections) != set(expected):
+                raise ValueError(f"width corrections must cover exactly {sorted(expected)}, got {sorted(corrections)}")
+            for entry, (a, b) in corrections.items():
+                r, kept, out = expected[entry]
+                if tuple(a.shape) != (r, kept) or tuple(b.shape) != (out, r):
+                    raise ValueError(f"width correction {entry} must be A {r} x {kept} and B {out} x {r}, got "
+                                     f"{tuple(a.shape)} and {tuple(b.shape)}")
+        except Exception:
+            self.config.width_compensation, self.config.width_compensation_rank = previous
+            raise
+        for index, layer in enumerate(self.layers):
+            for name, linear in layer.output_projections():
+                linear.new_corrections(compensation_sizes(self.config, name, self.shape_space.full_sizes[index]),
+                                       linear.weight.device)
+                with torch.no_grad():
+                    for (width, slot, projection), (a, b) in corrections.items():
+                        if (slot, projection) == (index, name):
+                            linear.width_correction_A[compensation_key(width)].copy_(a)
+                            linear.width_correction_B[compensation_key(width)].copy_(b)
+        self.set_shape(*self._shape)
+
     @property
     def shape(self) -> Shape:
         return self._shape
@@ -575,8 +637,12 @@ class AmoebaModel(AmoebaPreTrainedModel, LlamaModel):
         widths = self.shape_space.layer_widths(depth, width)
         active = []
         kept = sorted(widths)
+        fitted = self.shape_space.compensation_width(width)
+        correction = None if fitted is None else compensation_key(fitted)
         for layer in self.layers:
             layer.mlp.select_bridge(None)
+            for _, linear in layer.output_projections():
+                linear.select_correction(correction)
         for slot, index in enumerate(kept):
             layer = self.layers[index]
             layer.self_attn.layer_idx = slot
@@ -706,6 +772,12 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
     def set_depth_bridges(self, bridges: dict[tuple[int, int], torch.Tensor] | None) -> None:
         """Store the depth bridges calibration fitted (see `AmoebaModel.set_depth_bridges`)."""
         self.model.set_depth_bridges(bridges)
+
+    def set_width_compensation(
+        self, corrections: dict[tuple[float, int, str], tuple[torch.Tensor, torch.Tensor]] | None, rank: int = 32
+    ) -> None:
+        """Store the width corrections calibration fitted (see `AmoebaModel.set_width_compensation`)."""
+        self.model.set_width_compensation(corrections, rank)
 
     @contextmanager
     def shaped(self, depth: int, width: float = 1.0) -> Iterator["AmoebaForCausalLM"]:

@@ -7,6 +7,7 @@ evaluation and deployment code agree on what a shape is without touching weights
 
 import math
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from numbers import Real
 from typing import NamedTuple
@@ -119,6 +120,31 @@ def uniform_layer_width(full: LayerWidth, width: float, attention_unit: str = "k
     return LayerWidth(_round_count(width, full.key_value_groups), neurons, full.query_heads_per_group)
 
 
+def compensation_key(width: float) -> str:
+    """Name of a grid width's width correction in a ParameterDict, which allows no dots: 0.875 -> "0_875"."""
+    return f"{width:g}".replace(".", "_")
+
+
+def compensation_sizes(
+    config, projection: str, size: LayerWidth, widths: Iterable[float] | None = None, rank: int | None = None
+) -> dict[str, tuple[int, int]]:
+    """(rank, kept input columns) of each width correction of a layer's `"o_proj"` or `"down_proj"`, the layer at full
+    size `size`, by `compensation_key`; a width keeping every column has none. `widths` and `rank` default to the
+    config's `width_compensation` and `width_compensation_rank`."""
+    widths = config.width_compensation or () if widths is None else widths
+    rank = config.width_compensation_rank if rank is None else rank
+    sizes = {}
+    for width in widths:
+        kept_size = uniform_layer_width(size, width, config.attention_unit)
+        if projection == "o_proj":
+            full, kept = size.query_heads * config.head_dim, kept_size.query_heads * config.head_dim
+        else:
+            full, kept = size.intermediate_size, kept_size.intermediate_size
+        if kept < full:
+            sizes[compensation_key(width)] = (min(rank, kept, config.hidden_size), kept)
+    return sizes
+
+
 class GlobalWidthAllocator:
     """One importance threshold over the items (attention items, neurons) of all active layers, weighted by cost.
 
@@ -225,6 +251,16 @@ class ShapeSpace:
             return self._allocator.layer_widths(width, kept)
         return {i: uniform_layer_width(self.full_sizes[i], width, self.attention_unit) for i in kept}
 
+    def compensation_width(self, width: float) -> float | None:
+        """The fitted grid width whose width correction a shape of this width uses: the narrowest one at or above it
+        (A sliced to the kept columns), none at full width or above every fitted width.
+
+        Not simply the nearest: a narrower grid point's correction stands in for channels this width still keeps, and
+        would count their contribution twice; a wider one's only for channels this width removes too.
+        """
+        fitted = [w for w in self._config.width_compensation or () if w >= width]
+        return min(fitted) if fitted and width < 1.0 else None
+
     def parameter_count(self, depth: int, width: float) -> int:
         """Parameters of the physically sliced subnet (embeddings and head included, tied weights once)."""
         config = self._config
@@ -265,6 +301,8 @@ __all__ = [
     "LayerWidth",
     "Shape",
     "ShapeSpace",
+    "compensation_key",
+    "compensation_sizes",
     "default_depth_table",
     "parse_shapes",
     "shape_key",

@@ -139,6 +139,7 @@ def _static_config(config: AmoebaConfig, sizes: list[LayerWidth], attention_out_
         layer_intermediate_sizes=[s.intermediate_size for s in sizes],
         depth_table=None,
         depth_bridges=None,
+        width_compensation=None,
         min_depth=len(sizes),
         min_width=1.0,
         width_grid=[1.0],
@@ -164,7 +165,7 @@ def _merge_bridge(bridge: torch.Tensor | None, weight: torch.Tensor, bias: torch
 
 
 def _active_tensors(model: PreTrainedModel, merge: bool) -> dict[str, torch.Tensor]:
-    """The current shape's weights (LoRA merged if `merge`) under the key names of a compact Llama state dict, query
+    """The current shape's weights (width corrections merged, LoRA too if `merge`) under the key names of a compact Llama state dict, query
     heads in the stock group-major order."""
     inner = model.model
     inner.route(deterministic=True)
@@ -176,7 +177,7 @@ def _active_tensors(model: PreTrainedModel, merge: bool) -> dict[str, torch.Tens
         tensors[prefix + "post_attention_layernorm.weight"] = layer.post_attention_layernorm.weight
         for name, module in layer.named_modules():
             if hasattr(module, "merged_weight"):
-                weight, bias = module.merged_weight() if merge else module.active_weight(), module.active_bias()
+                weight, bias = module.merged_weight() if merge else module.shape_weight(), module.active_bias()
                 if name == "self_attn.q_proj":
                     weight = layer.self_attn.stock_head_order(weight, 0)
                     bias = None if bias is None else layer.self_attn.stock_head_order(bias, 0)

@@ -57,7 +57,7 @@ class BuildPreset:
     every shape from the frozen base model (KL on whatever text the build trains on), at lr 1e-3 decayed to 0, the
     recipe that measured best on real text (docs/benchmarks.md, "Shape quality"). Router noise is off: on budgets
     of hundreds of steps it scatters each shape's updates over random experts (benchmarks/bench_oneforall.py); the
-    paper's noise is for ~10K steps (`amoeba train` keeps it on). Depth bridges are off:
+    paper's noise is for ~10K steps (`amoeba train` keeps it on). Depth bridges and width compensation are off:
     measured without fine-tuning only (docs/benchmarks.md), so the builds stay the recipe their published numbers
     come from.
     """
@@ -69,7 +69,7 @@ class BuildPreset:
 
 QUICK = BuildPreset(
     calibration=CalibrationSettings(samples=8, seq_len=128, depth_method="block-influence", widths=list(BUILD_WIDTHS),
-                                    depth_bridges=False),
+                                    depth_bridges=False, width_compensation=False),
     finetuning=FinetuneSettings(steps=150, batch_size=2, grad_accum=1, learning_rate=1e-3, lr_schedule="cosine",
                                 max_prompt_tokens=160, max_response_tokens=96, router_noise=False,
                                 distill_teacher="base"),

@@ -16,6 +16,7 @@ from ..io import write_text_atomically
 from ..placement import input_device
 from ..training.data import is_file_source
 from .bridges import bridge_parameters, bridge_spans, fit_depth_bridges
+from .compensation import compensation_parameters, fit_width_compensation
 from .data import multiple_choice_prompts, text_blocks
 from .depth import (
     SCORES,
@@ -41,6 +42,11 @@ DEPTH_METHODS = ("dp", "block-influence", "drop-last")
 # depth bridges when neither --depth-bridges nor --no-depth-bridges is given (measured: docs/benchmarks.md)
 DEPTH_BRIDGES_DEFAULT = True
 BRIDGE_RIDGE = 1e-2
+# width compensation when neither --width-compensation nor --no-width-compensation is given, with uniform widths
+# (measured: docs/benchmarks.md)
+WIDTH_COMPENSATION_DEFAULT = True
+COMPENSATION_RANK = 32
+COMPENSATION_RIDGE = 0.1  # better than 1e-2 at every development-set shape measured (docs/benchmarks.md)
 WIDTH_MODES = ("global", "uniform")
 
 
@@ -106,6 +112,23 @@ class CalibrationSettings:
         default=BRIDGE_RIDGE,
         metadata={"help": "ridge of the depth-bridge fit, relative to the mean eigenvalue of X^T X (towards identity)"},
     )
+    width_compensation: bool | None = field(
+        default=None,
+        metadata={
+            "help": "fit, per grid width, a least-squares update of the kept input columns of o_proj and down_proj "
+            "(stored low-rank, applied at that width and the widths just below it, merged on export; uniform widths "
+            f"only) (default: {'on with uniform widths' if WIDTH_COMPENSATION_DEFAULT else 'off'})"
+        },
+    )
+    width_compensation_rank: int = field(
+        default=COMPENSATION_RANK,
+        metadata={"help": "rank of each stored width correction ((kept columns + hidden) x rank float32 parameters)"},
+    )
+    compensation_ridge: float = field(
+        default=COMPENSATION_RIDGE,
+        metadata={"help": "ridge of the width-compensation fit, relative to the mean eigenvalue of the kept inputs' "
+                          "covariance (towards plain pruning)"},
+    )
     prefix_cache: bool = field(default=True, metadata={"cli": False})
     chunk_size: int = field(default=4, metadata={"cli": False})
 
@@ -141,6 +164,15 @@ class CalibrationSettings:
                 raise ValueError(f"width {width} is outside (0, 1]")
         if not self.bridge_ridge >= 0:
             raise ValueError(f"bridge_ridge must be >= 0, got {self.bridge_ridge}")
+        if not self.compensation_ridge >= 0:
+            raise ValueError(f"compensation_ridge must be >= 0, got {self.compensation_ridge}")
+        if isinstance(self.width_compensation_rank, bool) or not (
+            isinstance(self.width_compensation_rank, int) and self.width_compensation_rank >= 1
+        ):
+            raise ValueError(f"width_compensation_rank must be an int >= 1, got {self.width_compensation_rank!r}")
+        if self.width_compensation and self.width_mode == "global":
+            raise ValueError("width compensation (--width-compensation) needs --width-mode uniform: with global widths "
+                             "a layer's kept columns depend on the depth")
         if self.min_depth is not None and self.min_depth < 1:
             raise ValueError(f"min_depth must be in [1, number of layers], got {self.min_depth}")
         if num_layers is None:
@@ -264,6 +296,7 @@ def calibrate(
         shape_space.update(min_width=min(settings.widths), width_grid=sorted(settings.widths, reverse=True))
     model.update_shape_space(**shape_space)
     extras = fit_bridges(model, blocks, settings, show_progress)
+    extras.update(fit_compensation(model, blocks, settings, show_progress))
     return CalibrationReport(table, evaluations, layer_forwards, depth_seconds, width_seconds, state.resumed, extras)
 
 
@@ -281,6 +314,26 @@ def fit_bridges(model, blocks: torch.Tensor, settings: CalibrationSettings, show
     )
     return {"depth_bridges": len(spans), "bridge_parameters": bridge_parameters(spans, config.hidden_size),
             "bridge_seconds": time.perf_counter() - start}
+
+
+def fit_compensation(model, blocks: torch.Tensor, settings: CalibrationSettings, show_progress: bool) -> dict:
+    """Width corrections for the grid widths if the settings ask for them (by default with uniform widths; else none
+    are kept); what they cost, for the report."""
+    wanted = settings.width_compensation
+    if wanted is None:
+        wanted = WIDTH_COMPENSATION_DEFAULT and settings.width_mode == "uniform"
+    if not wanted:
+        model.set_width_compensation(None)
+        return {"width_compensation": []}
+    start = time.perf_counter()
+    rank = settings.width_compensation_rank
+    corrections = fit_width_compensation(model, blocks, rank, settings.compensation_ridge, settings.chunk_size,
+                                         show_progress)
+    model.set_width_compensation(corrections, rank)
+    parameters = compensation_parameters(corrections)
+    return {"width_compensation": model.config.width_compensation or [], "compensation_rank": rank,
+            "compensation_parameters": parameters, "compensation_bytes": 4 * parameters,
+            "compensation_seconds": time.perf_counter() - start}
 
 
 def order_widths(model, blocks: torch.Tensor, settings: CalibrationSettings, state: ResumeState,
