@@ -1,7 +1,7 @@
 """Writes that either complete or leave nothing behind: a half-written checkpoint must never look valid.
 
 One process writes an output at a time (`output_lock`), so the staging folders of an output that its writer finds
-are leftovers of a killed run, and are removed.
+are leftovers of a killed run, and are removed, as are other outputs' staging in that folder whose lock is free.
 """
 
 import errno
@@ -120,8 +120,21 @@ def _staging_prefix(out: Path) -> str:
 
 
 def _remove_stale_staging(out: Path) -> None:
-    """Staging folders (or files) that a killed writer of `out` left (the caller holds the lock, so no live run owns
-    one)."""
+    """Staging folders (or files) that killed writers left: those of `out` (the caller holds its lock, so no live run
+    owns one), and those of other outputs in the same folder whose lock is free, so that any run in a folder cleans
+    up after earlier ones."""
+    _remove_staging_of(out)
+    others = {path.name[1:].rsplit(".staging-", 1)[0] for path in out.parent.iterdir()
+              if path.name.startswith(".") and ".staging-" in path.name and not path.is_symlink()}
+    for name in sorted(others - {out.name}):
+        try:
+            with output_lock(out.parent / name):
+                _remove_staging_of(out.parent / name)
+        except (OutputLockedError, PermissionError):
+            continue
+
+
+def _remove_staging_of(out: Path) -> None:
     prefix = _staging_prefix(out)
     for path in out.parent.iterdir():
         if not path.name.startswith(prefix) or path.is_symlink():

@@ -105,6 +105,19 @@ def test_a_rerun_removes_the_staging_folder_of_a_killed_run_but_keeps_work_folde
     assert leftovers(work) == ["checkpoint-5"]
 
 
+def test_a_run_removes_the_staging_of_other_killed_outputs_in_its_folder_but_not_of_live_ones(source, tmp_path, capsys):
+    """A run killed while writing `o`, then a run for `o2` in the same folder: `o`'s staging goes (its lock is free);
+    the staging of an output whose writer still holds its lock stays."""
+    for name in ("o", "busy"):
+        (tmp_path / f".{name}.staging-abc123").mkdir()
+        (tmp_path / f".{name}.staging-abc123" / "model.safetensors").write_bytes(b"half a model")
+    (tmp_path / ".gguf-out.gguf.staging-x1y2").write_bytes(b"half a GGUF file")
+    with FileLock(tmp_path / ".busy.lock"):
+        code, _, err = run_cli(["convert", source, "--min-depth", "3", "--out", tmp_path / "o2"], capsys)
+    assert code == 0, err
+    assert leftovers(tmp_path) == [".busy.lock", ".busy.staging-abc123", "o2", "source"]
+
+
 @pytest.mark.parametrize("command", ["convert", "export", "train"])
 def test_a_second_writer_of_the_same_out_is_refused_at_once_and_writes_nothing(
     checkpoint, data, source, tmp_path, capsys, command

@@ -266,6 +266,21 @@ def test_cli_eval_writes_json_csv_png_and_table(checkpoint, data_dir, tmp_path, 
     assert results["shapes"]["3x0.5"]["parameters"] < results["shapes"]["6x1"]["parameters"]
 
 
+def test_default_perplexity_window_fits_the_model(checkpoint, data_dir, tmp_path, capsys):
+    """Without --ppl-window a short-context model is scored in windows of its context length (the 2048-token default
+    would be refused), and a window given explicitly is kept."""
+    positions = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
+    assert positions < 2048
+    for extra, window in (([], positions), (["--ppl-window", "16"], 16)):
+        out = tmp_path / f"window{window}.json"
+        args = ["eval", str(checkpoint), "--shapes", "6x1", "--tasks", "wikitext2", "--data-dir", str(data_dir),
+                "--out", str(out), *extra]
+        assert main(args) == 0
+        results = json.loads(out.read_text())
+        assert results["settings"]["ppl_window"] == window
+        assert results["shapes"]["6x1"]["tasks"]["wikitext2"]["windows"] >= 1
+
+
 @pytest.mark.parametrize(
     ("tasks", "extra", "message"),
     [

@@ -277,8 +277,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
         ([{"instruction": "w5 w6", "input": ""}], "lacks field(s) ['output']"),
         ([{"prompt": "w5", "completion": "w6"}], "lacks field(s) ['text']"),
         ("{not json", "is not valid JSON: Expecting property name"),
+        ([{"instruction": "w5", "input": "", "output": "w6"}, {"text": "w7 w8"}],
+         "record 2 has no `instruction` and no `output`; every record of an instruction file needs"),
     ],
-    ids=["missing-file", "no-output", "no-text", "malformed"],
+    ids=["missing-file", "no-output", "no-text", "malformed", "text-record-among-instructions"],
 )
 def test_train_cli_bad_input_gives_one_line_and_writes_nothing(tmp_path, capsys, tiny_checkpoint, content, message):
     data = tmp_path / "data.json"

@@ -48,6 +48,7 @@ def _cmd_eval(args: argparse.Namespace) -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir, trust_remote_code=True)
     shapes = parse_shapes(args.shapes, model.shape_space)
     tasks = args.tasks.split(",")
+    settings = settings.for_model(getattr(model.config, "max_position_embeddings", None))
     if any(_is_perplexity_task(name) for name in tasks):
         settings.validate(getattr(model.config, "max_position_embeddings", None))
     results = evaluate_shapes(model, tokenizer, shapes, tasks, settings, model_name=args.model_dir,

@@ -7,7 +7,7 @@ rather than mixed.
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +18,8 @@ from ..io import write_text_atomically
 from ..modeling.shape_space import shape_key
 from .scoring import EncodedTask, EncodedText, encode_task, score_task
 from .tasks import load_task, task_label
+
+DEFAULT_PPL_WINDOW = 2048
 
 
 @dataclass(frozen=True)
@@ -33,7 +35,11 @@ class EvalSettings:
         default=None, metadata={"help": "seeded subset of N questions per MMLU subject"}
     )
     seed: int = field(default=1234, metadata={"help": "seed of the subsets"})
-    ppl_window: int = field(default=2048, metadata={"help": "perplexity window in tokens"})
+    ppl_window: int | None = field(
+        default=None,
+        metadata={"help": f"perplexity window in tokens (default: {DEFAULT_PPL_WINDOW}, or the model's "
+                          "max_position_embeddings if that is smaller)"},
+    )
     ppl_stride: int | None = field(
         default=None, metadata={"help": "window stride (default: the window, no overlap)"}
     )
@@ -51,6 +57,14 @@ class EvalSettings:
         if max_position_embeddings is not None and self.ppl_window > max_position_embeddings:
             raise ValueError(f"ppl_window (--ppl-window) {self.ppl_window} exceeds the model's "
                              f"max_position_embeddings ({max_position_embeddings})")
+
+
+    def for_model(self, max_position_embeddings: int | None) -> "EvalSettings":
+        """These settings with the default window chosen for a model: `DEFAULT_PPL_WINDOW` tokens, or the model's
+        context length if that is shorter (a window the model cannot hold would be refused by `validate`)."""
+        if self.ppl_window is not None:
+            return self
+        return replace(self, ppl_window=min(DEFAULT_PPL_WINDOW, max_position_embeddings or DEFAULT_PPL_WINDOW))
 
 
 def _load_results(out: Path, header: dict, fingerprint: Fingerprint) -> dict:
@@ -105,6 +119,7 @@ def evaluate_shapes(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    settings = settings.for_model(getattr(model.config, "max_position_embeddings", None))
     out = Path(out) if out is not None else None
     header = {"model": model_name, "settings": asdict(settings)}
     if out is None:

@@ -331,6 +331,15 @@ def load_instructions(source: str | Path, data_fields: DataFields = DataFields()
     renames = {getattr(found, name): name for name in ("instruction", "input", "output") if getattr(found, name)}
     for column in renames:
         check_text_column(dataset, column, source, "training data")
+    required = [getattr(found, name) for name in INSTRUCTION_FIELDS]
+    for number, values in enumerate(zip(*(dataset[column] for column in required)), 1):
+        absent = [column for column, value in zip(required, values) if value is None]
+        if absent:
+            raise ValueError(
+                f"training data {source}: record {number} has no {' and no '.join(f'`{c}`' for c in absent)}; every "
+                f"record of an instruction file needs {' and '.join(f'`{c}`' for c in required)} (put plain "
+                "`text` records in a file of their own and pass both files to --data)"
+            )
     dataset = dataset.select_columns(list(renames)).rename_columns(
         {column: name for column, name in renames.items() if column != name}
     )
