@@ -26,7 +26,8 @@ TRAINER_FLAGS = (" --bf16 --no-bf16 --fp16 --tf32 --no-tf32 --gradient-checkpoin
 KNOWN_FLAGS = {
     "calibrate": "--data --out --score --mc-data --min-depth --widths --samples --seq-len --keep-last --keep-first "
                  "--depth-method --width-method --width-mode --attention-unit --no-bias-compensation --seed "
-                 "--depth-bridges --no-depth-bridges --bridge-ridge" + LOAD_FLAGS + SAVE_FLAGS,
+                 "--depth-bridges --no-depth-bridges --bridge-ridge --width-compensation --no-width-compensation "
+                 "--width-compensation-rank --compensation-ridge" + LOAD_FLAGS + SAVE_FLAGS,
     "train": "--data --out --steps --batch-size --grad-accum --lr --lr-schedule --max-prompt-tokens "
              "--max-response-tokens --experts "
              "--top-k --rank --random-shapes --widths --no-distillation --teacher --no-balancing --no-router-noise "

@@ -293,7 +293,7 @@ def test_bad_compensation_settings_are_refused():
             AmoebaConfig(width_compensation=bad, **fields)
     with pytest.raises(AmoebaConfigError, match="width_compensation_rank"):
         AmoebaConfig(width_compensation=[0.5], width_compensation_rank=0, **fields)
-    with pytest.raises(AmoebaConfigError, match="uniform"):
+    with pytest.raises(AmoebaConfigError, match="uniform.*re-calibrate with `amoeba calibrate --width-mode global`"):
         AmoebaConfig(width_compensation=[0.5], width_mode="global", **fields)
     _, model = compensated("llama", rank=8)
     corrections = fit_width_compensation(model, calibration_ids(), 8, show_progress=False)

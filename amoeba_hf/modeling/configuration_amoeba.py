@@ -240,8 +240,12 @@ class AmoebaConfig(LlamaConfig):
                 f"width_compensation must be descending, unique widths in [min_width={self.min_width}, 1), got {widths}"
             )
         if self.width_mode != "uniform":
-            raise AmoebaConfigError("width_compensation needs width_mode='uniform': with global widths a layer's kept "
-                                    "columns depend on the depth, and one fitted correction cannot serve them all")
+            raise AmoebaConfigError(
+                f"width_mode={self.width_mode!r} cannot be used with width_compensation (fitted for the uniform widths "
+                "of this calibration): with global widths a layer's kept columns depend on the depth, and one fitted "
+                "correction cannot serve them all; for global widths re-calibrate with `amoeba calibrate --width-mode "
+                "global`, which fits none"
+            )
         if type(self.width_compensation_rank) is not int or self.width_compensation_rank < 1:
             raise AmoebaConfigError(
                 f"width_compensation_rank must be an int >= 1, got {self.width_compensation_rank!r}"
