@@ -190,3 +190,29 @@ def assert_one_line_error(code: int, err: str, command: str, message: str) -> No
 
 def leftovers(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.iterdir())
+
+
+def assert_reloads_shape_by_shape(model, loaded, folder: Path, tmp_path: Path, shapes: list, ids: list) -> None:
+    """`loaded` (from `folder`) gives `model`'s logits at every shape, and so does stock transformers loading `folder`
+    with trust_remote_code in a process where amoeba_hf is not importable."""
+    expected = {}
+    for depth, width in shapes:
+        with torch.no_grad(), model.shaped(depth, width), loaded.shaped(depth, width):
+            expected[f"{depth}x{width}"] = model(torch.tensor(ids)).logits
+            assert torch.equal(loaded(torch.tensor(ids)).logits, expected[f"{depth}x{width}"])
+    torch.save(expected, tmp_path / "expected.pt")
+    code = f"""
+        import torch
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        expected = torch.load({str(tmp_path / 'expected.pt')!r})
+        for depth, width in {shapes!r}:
+            model.set_shape(depth, width)
+            with torch.no_grad():
+                logits = model(torch.tensor({ids!r})).logits
+            assert torch.equal(logits, expected[f"{{depth}}x{{width}}"]), (depth, width)
+        print("ok")
+    """
+    result = run_without_amoeba_hf(code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]

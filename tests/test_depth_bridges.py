@@ -4,7 +4,13 @@ import json
 
 import pytest
 import torch
-from conftest import pruned_reference, run_without_amoeba_hf, tiny_source, tiny_tokenizer, write_tiny_text
+from conftest import (
+    assert_reloads_shape_by_shape,
+    pruned_reference,
+    tiny_source,
+    tiny_tokenizer,
+    write_tiny_text,
+)
 from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM
@@ -160,28 +166,7 @@ def test_checkpoint_round_trip_keeps_the_maps_and_loads_as_remote_code(tmp_path)
     with torch.no_grad(), half.shaped(4, 0.75):
         assert half(torch.tensor(IDS)).logits.isfinite().all()
 
-    ids = torch.tensor(IDS)
-    expected = {}
-    for depth, width in SHAPES:
-        with torch.no_grad(), model.shaped(depth, width), loaded.shaped(depth, width):
-            expected[f"{depth}x{width}"] = model(ids).logits
-            assert torch.equal(loaded(ids).logits, expected[f"{depth}x{width}"])
-    torch.save(expected, tmp_path / "expected.pt")
-    code = f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
-        for depth, width in {SHAPES!r}:
-            model.set_shape(depth, width)
-            with torch.no_grad():
-                logits = model(torch.tensor({IDS!r})).logits
-            assert torch.equal(logits, expected[f"{{depth}}x{{width}}"]), (depth, width)
-        print("ok")
-    """
-    result = run_without_amoeba_hf(code, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_reloads_shape_by_shape(model, loaded, folder, tmp_path, SHAPES, IDS)
 
 
 def test_peft_adapter_of_a_bridged_shape_reloads_to_the_elastic_logits(tmp_path):

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_without_amoeba_hf, tiny_source, tiny_tokenizer, write_tiny_text
+from conftest import assert_reloads_shape_by_shape, tiny_source, tiny_tokenizer, write_tiny_text
 from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM
@@ -211,28 +211,7 @@ def test_checkpoint_round_trip_keeps_the_corrections_and_loads_as_remote_code(tm
     with torch.no_grad(), half.shaped(4, 0.6):
         assert half(torch.tensor(IDS)).logits.isfinite().all()
 
-    ids = torch.tensor(IDS)
-    expected = {}
-    for depth, width in SHAPES:
-        with torch.no_grad(), model.shaped(depth, width), loaded.shaped(depth, width):
-            expected[f"{depth}x{width}"] = model(ids).logits
-            assert torch.equal(loaded(ids).logits, expected[f"{depth}x{width}"])
-    torch.save(expected, tmp_path / "expected.pt")
-    code = f"""
-        import torch
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
-        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        expected = torch.load({str(tmp_path / 'expected.pt')!r})
-        for depth, width in {SHAPES!r}:
-            model.set_shape(depth, width)
-            with torch.no_grad():
-                logits = model(torch.tensor({IDS!r})).logits
-            assert torch.equal(logits, expected[f"{{depth}}x{{width}}"]), (depth, width)
-        print("ok")
-    """
-    result = run_without_amoeba_hf(code, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert_reloads_shape_by_shape(model, loaded, folder, tmp_path, SHAPES, IDS)
 
 
 @pytest.mark.parametrize("bias_compensation", [True, False])
