@@ -125,7 +125,7 @@ def test_presets_are_the_stage_settings_of_the_documented_table():
         8, 128, "block-influence")
     assert (standard.calibration.samples, standard.calibration.seq_len, standard.calibration.depth_method) == (
         16, 256, "block-influence")
-    assert (quick.finetuning.steps, quick.finetuning.batch_size, quick.finetuning.grad_accum) == (150, 2, 1)
+    assert (quick.finetuning.steps, quick.finetuning.batch_size, quick.finetuning.grad_accum) == (100, 2, 1)
     assert (standard.finetuning.steps, standard.finetuning.grad_accum, standard.finetuning.max_response_tokens) == (
         700, 1, 128)
     for preset in (quick, standard):
