@@ -216,3 +216,26 @@ def assert_reloads_shape_by_shape(model, loaded, folder: Path, tmp_path: Path, s
     """
     result = run_without_amoeba_hf(code, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def assert_peft_adapter_matches(model, depth: int, width: float, tmp_path: Path, ids: list) -> None:
+    """With SMoL experts of random values, `model`'s shape exported as a plain subnet + peft adapter (reloaded with
+    stock transformers and peft) and as a merged subnet gives the elastic model's logits."""
+    from peft import PeftModel
+
+    from amoeba_hf.deploy.peft_adapter import export_adapter
+
+    model.enable_smol(experts=3, top_k=2, rank=4, alpha=8.0)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name or "shape_router" in name:
+                parameter.normal_(0.0, 0.3 if "lora_B" in name else 1.0)
+    model.eval()
+    out = export_adapter(model, depth, width, tmp_path / "shape")
+    base = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
+    with torch.no_grad(), model.shaped(depth, width):
+        assert (adapted(torch.tensor(ids)).logits - model(torch.tensor(ids)).logits).abs().max() <= 1e-4
+        merged = model.export_subnet()
+        assert (merged(torch.tensor(ids)).logits - model(torch.tensor(ids)).logits).abs().max() <= 1e-4

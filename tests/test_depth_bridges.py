@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from conftest import (
+    assert_peft_adapter_matches,
     assert_reloads_shape_by_shape,
     pruned_reference,
     tiny_source,
@@ -170,26 +171,10 @@ def test_checkpoint_round_trip_keeps_the_maps_and_loads_as_remote_code(tmp_path)
 
 
 def test_peft_adapter_of_a_bridged_shape_reloads_to_the_elastic_logits(tmp_path):
-    from peft import PeftModel
-
-    from amoeba_hf.deploy.peft_adapter import export_adapter
-
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
     model.update_shape_space(depth_table=TABLE)
     model.set_depth_bridges(fit_depth_bridges(model, calibration_ids(), SPANS, show_progress=False))
-    model.enable_smol(experts=3, top_k=2, rank=4, alpha=8.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name or "shape_router" in name:
-                parameter.normal_(0.0, 0.3 if "lora_B" in name else 1.0)
-    model.eval()
-    out = export_adapter(model, 4, 0.75, tmp_path / "shape")
-    base = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
-    ids = torch.tensor(IDS)
-    with torch.no_grad(), model.shaped(4, 0.75):
-        assert (adapted(ids).logits - model(ids).logits).abs().max() <= 1e-4
+    assert_peft_adapter_matches(model, 4, 0.75, tmp_path, IDS)
 
 
 def test_bad_bridge_tables_are_refused():

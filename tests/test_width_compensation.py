@@ -5,7 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import assert_reloads_shape_by_shape, tiny_source, tiny_tokenizer, write_tiny_text
+from conftest import (
+    assert_peft_adapter_matches,
+    assert_reloads_shape_by_shape,
+    tiny_source,
+    tiny_tokenizer,
+    write_tiny_text,
+)
 from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM
@@ -241,26 +247,8 @@ def test_the_correction_reduces_the_layer_output_error_on_calibration_data(bias_
 
 
 def test_peft_adapter_of_a_compensated_shape_reloads_to_the_elastic_logits(tmp_path):
-    from peft import PeftModel
-
-    from amoeba_hf.deploy.peft_adapter import export_adapter
-
     _, model = compensated("llama", bias_compensation=False, rank=8, bridges=True)
-    model.enable_smol(experts=3, top_k=2, rank=4, alpha=8.0)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name or "shape_router" in name:
-                parameter.normal_(0.0, 0.3 if "lora_B" in name else 1.0)
-    model.eval()
-    out = export_adapter(model, 4, 0.6, tmp_path / "shape")
-    base = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    adapted = PeftModel.from_pretrained(base, out / "adapter").eval()
-    ids = torch.tensor(IDS)
-    with torch.no_grad(), model.shaped(4, 0.6):
-        assert (adapted(ids).logits - model(ids).logits).abs().max() <= 1e-4
-        merged = model.export_subnet()
-        assert (merged(ids).logits - model(ids).logits).abs().max() <= 1e-4
+    assert_peft_adapter_matches(model, 4, 0.6, tmp_path, IDS)
 
 
 def test_bad_compensation_settings_are_refused():
