@@ -80,7 +80,7 @@ def test_the_import_walk_sees_the_imports_it_checks():
 
 def test_the_wheel_ships_the_bundled_text_and_its_licence(tmp_path):
     """`amoeba build` without `--data` reads amoeba_hf/data/c4_sample.jsonl: a non-editable install must carry it."""
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
                             str(tmp_path), str(ROOT)], check=False, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     (wheel,) = tmp_path.glob("amoeba_hf-*.whl")
