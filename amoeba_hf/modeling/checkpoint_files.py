@@ -132,8 +132,9 @@ def verify_weight_files(source: str | os.PathLike, load_kwargs: dict, saved: Map
         paths = {name: _require(locate, name, source, "its weight index") for name in names}
         for name, path in paths.items():
             _check_safetensors_layout(path, name, source)
-        if locate(index_name) is not None:
-            paths[index_name] = locate(index_name)
+        index = locate(index_name)
+        if index is not None:
+            paths[index_name] = index
         hashes = {name: file_sha256(path) for name, path in paths.items()}
         origin = f"its weight files (it has no {WEIGHT_HASHES_FILE})"
     expected_digest = (saved or {}).get("weights_digest")
