@@ -31,7 +31,8 @@ KNOWN_FLAGS = {
     "train": "--data --out --steps --batch-size --grad-accum --lr --lr-schedule --max-prompt-tokens "
              "--max-response-tokens --experts "
              "--top-k --rank --random-shapes --widths --no-distillation --teacher --no-balancing --no-router-noise "
-             "--train-base --save-steps --seed --per-device-train-batch-size --gradient-accumulation-steps"
+             "--train-base --train-recovery --save-steps --seed --per-device-train-batch-size "
+             "--gradient-accumulation-steps"
              + TRAINER_FLAGS + LOAD_FLAGS + SAVE_FLAGS,
     "eval": "--shapes --tasks --data-dir --out --limit --mmlu-limit --seed --ppl-window --ppl-stride --ppl-tokens "
             "--batch-size" + LOAD_FLAGS,

@@ -16,9 +16,11 @@ from transformers import AutoModelForCausalLM
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.modeling.configuration_amoeba import AmoebaConfigError
+from amoeba_hf.modeling.modeling_amoeba import is_recovery_parameter
 from amoeba_hf.selection.bridges import fit_depth_bridges
 from amoeba_hf.selection.compensation import compensation_parameters, fit_width_compensation
 from amoeba_hf.selection.width import apply_width_order, collect_statistics, layer_scores
+from amoeba_hf.training.finetune import FinetuneSettings, finetune
 
 FAMILIES = ["llama", "mistral", "qwen2"]
 TABLE = {"6": [0, 1, 2, 3, 4, 5], "5": [0, 1, 3, 4, 5], "4": [0, 1, 3, 5], "3": [1, 2, 4]}
@@ -312,3 +314,36 @@ def test_calibrate_fits_corrections_by_default_reports_their_size_and_the_flags(
         args = parser.parse_args(["calibrate", "--data", str(data), "--out", str(tmp_path / "o"), *flags])
         assert (args.width_compensation, args.width_compensation_rank, args.compensation_ridge) == expected
     assert compensation_parameters({(0.5, 0, "o_proj"): (torch.zeros(4, 10), torch.zeros(96, 4))}) == 424
+
+
+@pytest.mark.parametrize("train_recovery", [False, True])
+def test_stage_2_trains_bridges_and_corrections_only_when_asked_and_keeps_the_full_shape(train_recovery, tmp_path,
+                                                                                         one_thread):
+    """`train_recovery` adds the depth bridges and width corrections to what Stage 2 trains (default: frozen); the
+    full shape uses neither, so with the base teacher it stays the source model, and exports carry what trained."""
+    source, model = compensated("llama", bias_compensation=False, bridges=True)
+    recovery = {n: p.detach().clone() for n, p in model.named_parameters() if is_recovery_parameter(n)}
+    settings = FinetuneSettings(data=[str(write_tiny_text(tmp_path / "text.jsonl"))], steps=3, batch_size=2,
+                                grad_accum=1, learning_rate=1e-2, experts=2, rank=2, router_noise=False,
+                                distill_teacher="base", text_block_size=16, save_steps=10,
+                                train_recovery=train_recovery)
+    finetune(model, tiny_tokenizer(), settings, tmp_path / "work")
+    changed = {n for n, p in model.named_parameters() if n in recovery and not torch.equal(p, recovery[n])}
+    if train_recovery:
+        assert any("depth_bridges" in n for n in changed) and any("width_correction" in n for n in changed)
+    else:
+        assert not changed
+    ids = torch.tensor(IDS)
+    with torch.no_grad():
+        assert (model(ids).logits - source.eval()(ids).logits).abs().max() <= 1e-5
+        for depth, width in ((5, 0.875), (4, 0.625)):
+            with model.shaped(depth, width):
+                assert (model.export_subnet().eval()(ids).logits - model(ids).logits).abs().max() <= 1e-4
+
+
+def test_train_recovery_needs_a_model_with_bridges_or_corrections(tmp_path):
+    model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
+    settings = FinetuneSettings(data=[str(write_tiny_text(tmp_path / "text.jsonl"))], steps=1, distill_teacher="base",
+                                train_recovery=True)
+    with pytest.raises(ValueError, match=r"has neither: calibrate it with --depth-bridges or --width-compensation"):
+        finetune(model, tiny_tokenizer(), settings, tmp_path / "work")

@@ -74,6 +74,12 @@ from .subnet_export import amoeba_config_from_source, build_subnet, check_local_
 logger = logging.get_logger(__name__)
 
 SHAPE_SPACE_KEYS = ("depth_table", "min_depth", "min_width", "width_grid", "width_mode", "bias_compensation")
+RECOVERY_PARAMETERS = ("depth_bridges", "width_correction_A", "width_correction_B")
+
+
+def is_recovery_parameter(name: str) -> bool:
+    """A depth bridge or width correction: calibration's closed-form recovery, used only below the full shape."""
+    return any(part in RECOVERY_PARAMETERS for part in name.split("."))
 
 
 def elastic_linear(config: AmoebaConfig, name: str, in_features: int, out_features: int, bias: bool,
@@ -373,8 +379,7 @@ class AmoebaPreTrainedModel(LlamaPreTrainedModel):
     # Calibration statistics decide which channels a width keeps (bf16 rounding changes the choice) and the experts
     # and router train in float32 over a base of any dtype, as peft keeps adapters.
     _keep_in_fp32_modules_strict = [
-        "lora_A", "lora_B", "shape_router", "depth_bridges", "width_correction_A", "width_correction_B",
-        *CALIBRATION_BUFFERS,
+        "lora_A", "lora_B", "shape_router", *RECOVERY_PARAMETERS, *CALIBRATION_BUFFERS,
     ]
     _can_record_outputs = {"hidden_states": AmoebaDecoderLayer, "attentions": AmoebaAttention}
 
@@ -832,10 +837,12 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         router_noise: bool = True,
         train_base: bool = False,
         exact_full_shape: bool = False,
+        train_recovery: bool = False,
     ) -> "AmoebaForCausalLM":
         """Add the shape-aware mixture of LoRAs for one-for-all fine-tuning; `experts=1` is plain shared LoRA.
 
-        Only the experts and the router are trainable unless `train_base`; the function is unchanged until trained.
+        Only the experts and the router are trainable unless `train_base` (every weight) or `train_recovery` (also
+        the depth bridges and width corrections of calibration); the function is unchanged until trained.
         `exact_full_shape` keeps the full shape expert-free, i.e. the base model (for distillation from the base).
         """
         if experts < 1:
@@ -849,13 +856,15 @@ class AmoebaForCausalLM(AmoebaPreTrainedModel, LlamaForCausalLM, GenerationMixin
         self.config.smol_exact_full_shape = exact_full_shape
         self.config.validate_architecture()
         self.model.add_experts()
-        return self.set_trainable(train_base)
+        return self.set_trainable(train_base, train_recovery)
 
-    def set_trainable(self, train_base: bool = False) -> "AmoebaForCausalLM":
-        """Make only the SMoL experts and the router trainable, or every weight with `train_base`. A reloaded
-        checkpoint comes back with every parameter trainable, so Stage 2 calls this before training it again."""
+    def set_trainable(self, train_base: bool = False, train_recovery: bool = False) -> "AmoebaForCausalLM":
+        """Make only the SMoL experts and the router trainable, plus the depth bridges and width corrections with
+        `train_recovery` (the full shape uses neither, so it stays the base), or every weight with `train_base`. A
+        reloaded checkpoint comes back with every parameter trainable, so Stage 2 calls this before training it."""
         for name, parameter in self.named_parameters():
-            parameter.requires_grad = train_base or "lora_" in name or "shape_router" in name
+            parameter.requires_grad = (train_base or "lora_" in name or "shape_router" in name
+                                       or (train_recovery and is_recovery_parameter(name)))
         return self
 
     def save_pretrained(

@@ -158,6 +158,11 @@ class FinetuneSettings:
         metadata={"help": "route without training noise (learns faster on short budgets, see docs/training.md)"},
     )
     train_base: bool = field(default=False, metadata={"help": "also train the base weights (default: frozen)"})
+    train_recovery: bool = field(
+        default=False,
+        metadata={"help": "also train calibration's depth bridges and width corrections (default: frozen; the full "
+                          "shape uses neither)"},
+    )
     save_steps: int = field(
         default=50, metadata={"help": "checkpoint interval; re-run resumes from the last"}
     )
@@ -304,6 +309,9 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
     precision, memory savings and the distributed engine. `model_identity` identifies the model's source
     (`source_identity`); without it the loaded model is hashed."""
     settings.validate()
+    if settings.train_recovery and not (model.config.depth_bridges or model.config.width_compensation):
+        raise ValueError("train_recovery (--train-recovery) trains calibration's depth bridges and width corrections, "
+                         "and this model has neither: calibrate it with --depth-bridges or --width-compensation")
     training_overrides = {**(trainer_settings or TrainerSettings()).training_arguments(), **training_overrides}
     fingerprint = Fingerprint(
         {**settings_record(settings), **trainer_record(training_overrides), **model_dtype(model)},
@@ -315,9 +323,10 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
         set_seed(settings.seed)
         model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
                           alpha=settings.alpha, router_noise=settings.router_noise, train_base=settings.train_base,
+                          train_recovery=settings.train_recovery,
                           exact_full_shape=settings.distill_teacher == "base")
     elif model.config.smol_experts:
-        model.set_trainable(settings.train_base)
+        model.set_trainable(settings.train_base, settings.train_recovery)
     args = settings.training_arguments(work_dir, **training_overrides)
     if args.should_save:
         fingerprint.record(work_dir)

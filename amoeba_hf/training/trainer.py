@@ -13,6 +13,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.utils import SAFE_WEIGHTS_NAME
 
+from ..modeling.modeling_amoeba import is_recovery_parameter
 from .data import IGNORE_INDEX
 
 DISTILL_LOSSES = ("soft_ce", "kl")
@@ -146,11 +147,13 @@ class AmoebaTrainer(Trainer):
                 "enable_smol(exact_full_shape=True); this model's full shape uses its experts"
             )
         trained_base = [n for n, p in model.named_parameters()
-                        if p.requires_grad and "lora_" not in n and "shape_router" not in n]
+                        if p.requires_grad and "lora_" not in n and "shape_router" not in n
+                        and not is_recovery_parameter(n)]
         if trained_base:
             raise ValueError(
                 f"distill_teacher='base' needs frozen base weights (the teacher), but {trained_base[0]} and "
-                f"{len(trained_base) - 1} more are trainable; train only the experts and the router"
+                f"{len(trained_base) - 1} more are trainable; train only the experts, the router and the closed-form "
+                "recovery (depth bridges, width corrections: unused by the full shape)"
             )
         space, widths = model.shape_space, self.args.shape_widths
         if len(space.depths) == 1 and (set(widths) == {1.0} if widths else space.min_width == 1.0):
