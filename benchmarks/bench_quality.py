@@ -31,15 +31,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+import torch.nn.functional as F
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.deploy.gguf import write_gguf
 from amoeba_hf.evaluation.runner import EvalSettings, evaluate_shapes
 from amoeba_hf.evaluation.scoring import perplexity
 from amoeba_hf.modeling.checkpoint_files import write_text_atomically
+from amoeba_hf.modeling.configuration_amoeba import SMOL_TARGETS
 from amoeba_hf.modeling.shape_space import shape_key
 from amoeba_hf.plotting import png_figure
+from amoeba_hf.training.finetune import FinetuneSettings, build_dataset, last_complete_checkpoint
+from amoeba_hf.training.trainer import prediction_mask
 
 ROOT = Path(__file__).resolve().parent
 TARGETS = (0.80, 0.65, 0.50)
@@ -75,7 +80,11 @@ CALIBRATE_BRIDGES = Step("cal_bi_bridges", (*CALIBRATION, "--depth-bridges", "--
 COMPENSATION = ("--width-compensation", "--compensation-ridge", "0.01")
 CALIBRATE_COMPENSATION = Step("cal_bi_comp", (*CALIBRATION, "--no-depth-bridges", *COMPENSATION), "base")
 CALIBRATE_CLOSED_FORM = Step("cal_bi_closed_form", (*CALIBRATION, "--depth-bridges", *COMPENSATION), "base")
+CALIBRATE_STANDARD_CLOSED_FORM = Step("cal_closed_form", (*CALIBRATION, "--depth-bridges", "--width-compensation"),
+                                      "base")  # calibrate's defaults: 16 x 256 tokens (the standard preset), ridge 0.1
 FINAL = Step("final", ("build", "--preset", "standard", "--data", C4, ALPACA))
+# the standard preset's Stage 2 (with --steps 700), as `amoeba train` flags
+STANDARD_STAGE_2 = ("--lr", "1e-3", "--lr-schedule", "cosine", "--max-prompt-tokens", "256", "--max-response-tokens", "128")
 
 
 def train(name: str, source: str, *extra: str) -> Step:
@@ -100,6 +109,13 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "query_heads_global_kl_200": (CALIBRATE_QH_GLOBAL, train("query_heads_global_kl_200", "cal_qh_global", "--lr", "1e-3",
                                                              "--steps", "200")),
     "final": (FINAL,),
+    "final_closed_form": (CALIBRATE_STANDARD_CLOSED_FORM,
+                          train("final_closed_form", "cal_closed_form", *STANDARD_STAGE_2, "--steps", "700")),
+    "closed_form_100": (CALIBRATE_STANDARD_CLOSED_FORM,
+                        train("closed_form_100", "cal_closed_form", *STANDARD_STAGE_2, "--steps", "100")),
+    "closed_form_100_trainable": (CALIBRATE_STANDARD_CLOSED_FORM,
+                                  train("closed_form_100_trainable", "cal_closed_form", *STANDARD_STAGE_2, "--steps",
+                                        "100", "--train-recovery")),
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
@@ -115,6 +131,11 @@ LABELS = {
     "kl_text_200_rank16": "lever 4 (capacity): lever 3 with 200 steps and experts of rank 16 instead of 8",
     "query_heads_global_kl_200": "levers 1 + 3: query-head widths (global), then lever 3 with 200 steps",
     "final": "final recipe: `amoeba build --preset standard` (KL from the base on C4 + Alpaca, 700 steps, cosine lr)",
+    "final_closed_form": "closed-form recovery (bridges + width compensation, ridge 0.1, frozen), then the standard "
+                         "preset's Stage 2 (700 steps)",
+    "closed_form_100": "closed-form recovery, then 100 steps of the standard preset's Stage 2 (bridges and "
+                       "corrections frozen)",
+    "closed_form_100_trainable": "closed_form_100 with the bridges and corrections trained too (--train-recovery)",
 }
 
 
@@ -237,6 +258,109 @@ def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: 
         save()
 
 
+def masked_logits(model, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
+    """Vocabulary logits at the positions of `mask` only, as the one-for-all trainer computes them."""
+    hidden = model.get_decoder()(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                                 use_cache=False).last_hidden_state
+    return model.get_output_embeddings()(hidden[mask]).float()
+
+
+class SubnetDistiller(Trainer):
+    """A stock `Trainer` distilling one exported subnet (peft LoRA) from the frozen base model: the per-shape
+    baseline, with the one-for-all trainer's loss (KL at temperature 1, summed over labelled positions, per token)."""
+
+    def __init__(self, *args, teacher: torch.nn.Module, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mask = prediction_mask(inputs["labels"])
+        with torch.no_grad():
+            teacher = F.log_softmax(masked_logits(self.teacher, inputs, mask), dim=-1)
+        student = F.log_softmax(masked_logits(model, inputs, mask), dim=-1)
+        return F.kl_div(student, teacher, log_target=True, reduction="sum") / mask.sum().clamp(min=1)
+
+
+def cpu_seconds_per_step(trainer: SubnetDistiller, batches: int = 4) -> float:
+    """CPU seconds of one step (teacher forward, student forward and backward) on the first batches; the first is
+    a warm-up and not counted. The gradients are thrown away."""
+    seconds = []
+    for _, inputs in zip(range(batches), trainer.get_train_dataloader()):
+        start = time.process_time()
+        trainer.compute_loss(trainer.model, trainer._prepare_inputs(inputs)).backward()
+        seconds.append(time.process_time() - start)
+    trainer.model.zero_grad(set_to_none=True)
+    return sum(seconds[1:]) / (len(seconds) - 1)
+
+
+def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
+    """Issue 22's equal-cost baseline: each size class's shape of `args.per_shape_of` (picked on the development
+    set), exported from that recipe's calibrated checkpoint as a plain model and distilled alone from the base with
+    LoRA (same data, rank, learning rate and schedule, batch and sequence lengths), for a third of that recipe's
+    Stage-2 CPU minutes each (steps set from a timed probe). Scored like the recipes, at its full shape."""
+    recipe = args.per_shape_of
+    calibrated, stage_2 = RECIPES[recipe][0].name, RECIPES[recipe][-1].name
+    budget = results["steps"][stage_2]["cpu_minutes"] * 60 / len(TARGETS)
+    entry = results["recipes"].setdefault("per_shape", {
+        "label": f"per-shape distillation of each class alone (plain LoRA subnet from {calibrated}, KL from the "
+                 f"base, C4 + Alpaca), a third of {recipe}'s Stage-2 CPU minutes each",
+        "checkpoint": str(args.work / "per_shape")})
+    entry["picked"] = results["recipes"][recipe]["picked"]
+    rows = entry.setdefault("shapes", {})
+    settings = FinetuneSettings(data=[arg.format(data=args.data_dir) for arg in (C4, ALPACA)], batch_size=2,
+                                grad_accum=1, learning_rate=1e-3, lr_schedule="cosine", distill_teacher="base",
+                                router_noise=False, save_steps=25)
+    source = AmoebaForCausalLM.from_pretrained(args.work / calibrated)
+    teacher = AmoebaForCausalLM.from_pretrained(args.work / "base").export_subnet().eval().requires_grad_(False)
+    dataset = build_dataset(settings.data, tokenizer, settings)
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
+    lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=list(SMOL_TARGETS))
+    for label, (depth, width) in entry["picked"].items():
+        key = shape_key(depth, width)
+        folder = args.work / "per_shape" / key
+        row = rows.setdefault(key, {**parameter_entry(source, depth, width), "class": label})
+        if "wikitext2_ppl" not in row:
+            start, cpu_start = time.perf_counter(), time.process_time()
+            if not (folder / "model" / "config.json").is_file():
+                student = get_peft_model(source.export_subnet(depth, width), lora)
+
+                def distiller(steps: int) -> SubnetDistiller:
+                    return SubnetDistiller(
+                        model=student, teacher=teacher, train_dataset=dataset, data_collator=collator,
+                        processing_class=tokenizer,
+                        args=settings.training_arguments(folder / "checkpoints", max_steps=steps, use_cpu=True,
+                                                         remove_unused_columns=False))
+
+                if "steps" not in row:
+                    row["probe_cpu_seconds_per_step"] = cpu_seconds_per_step(distiller(1))
+                    row["steps"] = max(1, round(budget / row["probe_cpu_seconds_per_step"]))
+                    save()
+                trainer = distiller(row["steps"])
+                trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder / "checkpoints"))
+                student.merge_and_unload().save_pretrained(folder / "model")
+                row["train_minutes"] = (time.perf_counter() - start) / 60
+                row["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
+                save()
+            plain = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
+            model = AmoebaForCausalLM.from_llama(plain).eval()
+            eval_settings = EvalSettings(data_dir=str(args.data_dir), limit=200, seed=1234, ppl_window=PPL_WINDOW,
+                                         ppl_tokens=PPL_TOKENS)
+            tasks = ["wikitext2", *(ZERO_SHOT if label in args.zero_shot_classes.split(",") else ())]
+            scores = evaluate_shapes(model, tokenizer, [tuple(model.shape_space.full_shape)], tasks, eval_settings,
+                                     model_name=str(folder / "model"), out=folder / "eval.json")
+            (scored,) = scores["shapes"].values()
+            row["wikitext2_ppl"] = scored["tasks"]["wikitext2"]["ppl"]
+            if all(t in scored["tasks"] for t in ZERO_SHOT):
+                row.update({task: scored["tasks"][task]["acc_norm"] for task in ZERO_SHOT})
+                row["zero_shot_mean"] = sum(row[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
+                row["above_chance"] = sum(row[t] - CHANCE[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
+            save()
+    entry["minutes"] = sum(row.get("train_minutes", 0.0) for row in rows.values())
+    entry["cpu_minutes"] = sum(row.get("train_cpu_minutes", 0.0) for row in rows.values())
+    entry["budget_cpu_minutes"] = budget * len(TARGETS) / 60
+    save()
+
+
 def quantized_dense(args, results: dict, save, tokenizer) -> None:
     """What a user would deploy instead of a shape: the dense model quantized the llama.cpp way (GGUF q8_0 and f16,
     written by `write_gguf`, read back by transformers' GGUF loader), on the same WikiText-2 tokens."""
@@ -295,6 +419,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2,
                         help="threads of this process and of its steps (1 each when two jobs share 2 cores)")
     parser.add_argument("--out", type=Path, default=None, help="default: results/shape_quality[_dev].json")
+    parser.add_argument("--per-shape-of", choices=tuple(RECIPES), default=None,
+                        help="full protocol: also run the equal-cost per-shape distillation baseline of this recipe "
+                             "(its shapes, calibrated checkpoint and Stage-2 CPU minutes)")
     parser.add_argument("--quantized-dense", action="store_true",
                         help="full protocol: also score the dense model as GGUF q8_0 / f16, the alternative to a shape")
     args = parser.parse_args()
@@ -327,6 +454,8 @@ def main() -> None:
     dev_ids = torch.tensor(tokenizer(dev_text, add_special_tokens=False)["input_ids"][: args.dev_tokens])
     for recipe in recipes:
         evaluate_recipe(recipe, args, results, save, tokenizer, dev_ids)
+    if args.per_shape_of and args.protocol == "full":
+        per_shape_distillation(args, results, save, tokenizer)
     if args.quantized_dense and args.protocol == "full":
         quantized_dense(args, results, save, tokenizer)
     plot(results, out.with_suffix(".png"))
