@@ -84,7 +84,8 @@ CALIBRATE_STANDARD_CLOSED_FORM = Step("cal_closed_form", (*CALIBRATION, "--depth
                                       "base")  # calibrate's defaults: 16 x 256 tokens (the standard preset), ridge 0.1
 FINAL = Step("final", ("build", "--preset", "standard", "--data", C4, ALPACA))
 # the standard preset's Stage 2 (with --steps 700), as `amoeba train` flags
-STANDARD_STAGE_2 = ("--lr", "1e-3", "--lr-schedule", "cosine", "--max-prompt-tokens", "256", "--max-response-tokens", "128")
+STANDARD_STAGE_2 = ("--lr", "1e-3", "--lr-schedule", "cosine", "--max-prompt-tokens", "256",
+                    "--max-response-tokens", "128")
 
 
 def train(name: str, source: str, *extra: str) -> Step:
