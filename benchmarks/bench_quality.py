@@ -55,6 +55,7 @@ C4 = "{data}/calibration/c4_demo.jsonl"
 ALPACA = "{data}/finetune/alpaca_en_demo.json"
 DEV_TEXT = "calibration/wiki_demo.txt"
 PPL_TOKENS, PPL_WINDOW = 32768, 512  # issue 13's WikiText-2 protocol
+PROBE_STEPS = 12  # optimizer steps of the per-shape baseline's timed probe run
 DENSE_ROW = "no_recovery"  # its full shape is the dense model; every recipe distils from the frozen base, whose
 # full shape stays the source model bit for bit, so the dense row is scored once
 
@@ -282,16 +283,11 @@ class SubnetDistiller(Trainer):
         return F.kl_div(student, teacher, log_target=True, reduction="sum") / mask.sum().clamp(min=1)
 
 
-def cpu_seconds_per_step(trainer: SubnetDistiller, batches: int = 4) -> float:
-    """CPU seconds of one step (teacher forward, student forward and backward) on the first batches; the first is
-    a warm-up and not counted. The gradients are thrown away."""
-    seconds = []
-    for _, inputs in zip(range(batches), trainer.get_train_dataloader()):
-        start = time.process_time()
-        trainer.compute_loss(trainer.model, trainer._prepare_inputs(inputs)).backward()
-        seconds.append(time.process_time() - start)
-    trainer.model.zero_grad(set_to_none=True)
-    return sum(seconds[1:]) / (len(seconds) - 1)
+def cpu_seconds_per_step(trainer: SubnetDistiller) -> float:
+    """CPU seconds per optimizer step of a short real run (data, teacher, student, optimizer), to size the budget."""
+    start = time.process_time()
+    trainer.train()
+    return (time.process_time() - start) / trainer.args.max_steps
 
 
 def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
@@ -323,22 +319,22 @@ def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
         if "wikitext2_ppl" not in row:
             start, cpu_start = time.perf_counter(), time.process_time()
             if not (folder / "model" / "config.json").is_file():
-                student = get_peft_model(source.export_subnet(depth, width), lora)
-
-                def distiller(steps: int) -> SubnetDistiller:
+                def distiller(steps: int, output: Path) -> SubnetDistiller:
+                    torch.manual_seed(settings.seed)
+                    student = get_peft_model(source.export_subnet(depth, width), lora)
                     return SubnetDistiller(
                         model=student, teacher=teacher, train_dataset=dataset, data_collator=collator,
                         processing_class=tokenizer,
-                        args=settings.training_arguments(folder / "checkpoints", max_steps=steps, use_cpu=True,
+                        args=settings.training_arguments(output, max_steps=steps, use_cpu=True,
                                                          remove_unused_columns=False))
 
                 if "steps" not in row:
-                    row["probe_cpu_seconds_per_step"] = cpu_seconds_per_step(distiller(1))
-                    row["steps"] = max(1, round(budget / row["probe_cpu_seconds_per_step"]))
+                    row["probe_cpu_seconds_per_step"] = cpu_seconds_per_step(distiller(PROBE_STEPS, folder / "probe"))
+                    row["steps"] = max(1, round(budget / row["probe_cpu_seconds_per_step"]) - PROBE_STEPS)
                     save()
-                trainer = distiller(row["steps"])
+                trainer = distiller(row["steps"], folder / "checkpoints")
                 trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder / "checkpoints"))
-                student.merge_and_unload().save_pretrained(folder / "model")
+                trainer.model.merge_and_unload().save_pretrained(folder / "model")
                 row["train_minutes"] = (time.perf_counter() - start) / 60
                 row["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
                 save()
