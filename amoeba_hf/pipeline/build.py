@@ -59,8 +59,8 @@ class BuildPreset:
     recipe that measured best on real text (docs/benchmarks.md, "Shape quality"). Router noise is off: on budgets
     of hundreds of steps it scatters each shape's updates over random experts (benchmarks/bench_oneforall.py); the
     paper's noise is for ~10K steps (`amoeba train` keeps it on). Depth bridges and width compensation are off:
-    measured without fine-tuning only (docs/benchmarks.md), so the builds stay the recipe their published numbers
-    come from.
+    their head start is gone after the standard Stage 2, which ends slightly better without them (docs/benchmarks.md,
+    "Closed-form recovery under Stage 2").
     """
 
     calibration: CalibrationSettings
