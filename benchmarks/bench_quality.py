@@ -243,8 +243,7 @@ def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: 
             row["dev_ppl"] = dev_perplexity(model, dev_ids, depth, width)
             save()
     if args.protocol == "full":
-        settings = EvalSettings(data_dir=str(args.data_dir), limit=200, seed=1234, ppl_window=PPL_WINDOW,
-                                ppl_tokens=PPL_TOKENS)
+        settings = eval_settings(args)
         out = args.work / f"eval_{recipe}.json"
         evaluate_shapes(model, tokenizer, shapes, ["wikitext2"], settings, model_name=str(folder), out=out)
         zero_shot_shapes = [s for s in shapes if s == tuple(model.shape_space.full_shape)]
@@ -252,14 +251,23 @@ def evaluate_recipe(recipe: str, args, results: dict, save, tokenizer, dev_ids: 
         scores = evaluate_shapes(model, tokenizer, zero_shot_shapes, list(ZERO_SHOT), settings,
                                  model_name=str(folder), out=out)
         for key, scored in scores["shapes"].items():
-            tasks = scored["tasks"]
-            rows[key]["wikitext2_ppl"] = tasks["wikitext2"]["ppl"]
-            if not all(t in tasks for t in ZERO_SHOT):
-                continue
-            rows[key].update({task: tasks[task]["acc_norm"] for task in ZERO_SHOT})
-            rows[key]["zero_shot_mean"] = sum(tasks[t]["acc_norm"] for t in ZERO_SHOT) / len(ZERO_SHOT)
-            rows[key]["above_chance"] = sum(tasks[t]["acc_norm"] - CHANCE[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
+            record_scores(rows[key], scored["tasks"])
         save()
+
+
+def eval_settings(args) -> EvalSettings:
+    """Issue 13's protocol: WikiText-2 (first 32,768 tokens, 512-token windows), zero-shot 200 items, seed 1234."""
+    return EvalSettings(data_dir=str(args.data_dir), limit=200, seed=1234, ppl_window=PPL_WINDOW,
+                        ppl_tokens=PPL_TOKENS)
+
+
+def record_scores(row: dict, tasks: dict) -> None:
+    """WikiText-2 perplexity and, when all were scored, the zero-shot accuracies, their mean and mean above chance."""
+    row["wikitext2_ppl"] = tasks["wikitext2"]["ppl"]
+    if all(t in tasks for t in ZERO_SHOT):
+        row.update({task: tasks[task]["acc_norm"] for task in ZERO_SHOT})
+        row["zero_shot_mean"] = sum(row[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
+        row["above_chance"] = sum(row[t] - CHANCE[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
 
 
 def masked_logits(model, inputs: dict, mask: torch.Tensor) -> torch.Tensor:
@@ -357,17 +365,11 @@ def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
                 save()
             plain = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
             model = AmoebaForCausalLM.from_llama(plain).eval()
-            eval_settings = EvalSettings(data_dir=str(args.data_dir), limit=200, seed=1234, ppl_window=PPL_WINDOW,
-                                         ppl_tokens=PPL_TOKENS)
             tasks = ["wikitext2", *(ZERO_SHOT if label in args.zero_shot_classes.split(",") else ())]
-            scores = evaluate_shapes(model, tokenizer, [tuple(model.shape_space.full_shape)], tasks, eval_settings,
-                                     model_name=str(folder / "model"), out=folder / "eval.json")
+            scores = evaluate_shapes(model, tokenizer, [tuple(model.shape_space.full_shape)], tasks,
+                                     eval_settings(args), model_name=str(folder / "model"), out=folder / "eval.json")
             (scored,) = scores["shapes"].values()
-            row["wikitext2_ppl"] = scored["tasks"]["wikitext2"]["ppl"]
-            if all(t in scored["tasks"] for t in ZERO_SHOT):
-                row.update({task: scored["tasks"][task]["acc_norm"] for task in ZERO_SHOT})
-                row["zero_shot_mean"] = sum(row[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
-                row["above_chance"] = sum(row[t] - CHANCE[t] for t in ZERO_SHOT) / len(ZERO_SHOT)
+            record_scores(row, scored["tasks"])
             save()
     entry["minutes"] = sum(row.get("train_minutes", 0.0) for row in rows.values())
     entry["cpu_minutes"] = sum(row.get("train_cpu_minutes", 0.0) for row in rows.values())
