@@ -120,6 +120,11 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "closed_form_100_trainable": (CALIBRATE_STANDARD_CLOSED_FORM,
                                   train("closed_form_100_trainable", "cal_closed_form", *STANDARD_STAGE_2, "--steps",
                                         "100", "--train-recovery")),
+    "stage_2_200": (CALIBRATE_BI, train("stage_2_200", "cal_bi", *STANDARD_STAGE_2, "--steps", "200")),
+    "teacher_assistant_200": (CALIBRATE_BI, train("teacher_assistant_200", "cal_bi", *STANDARD_STAGE_2, "--steps",
+                                                  "200", "--teacher-assistant")),
+    "hardest_shapes_200": (CALIBRATE_BI, train("hardest_shapes_200", "cal_bi", *STANDARD_STAGE_2, "--steps", "200",
+                                               "--shape-sampling", "loss")),
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
@@ -140,6 +145,11 @@ LABELS = {
     "closed_form_100": "closed-form recovery, then 100 steps of the standard preset's Stage 2 (bridges and "
                        "corrections frozen)",
     "closed_form_100_trainable": "closed_form_100 with the bridges and corrections trained too (--train-recovery)",
+    "stage_2_200": "the standard preset's Stage 2 with 200 steps (the reference of the sampling and order levers)",
+    "teacher_assistant_200": "stage_2_200 with a teacher-assistant order: each student learns from the next larger "
+                             "shape of its sandwich (--teacher-assistant)",
+    "hardest_shapes_200": "stage_2_200 with the random shapes drawn in proportion to their running KL from the "
+                          "teacher (--shape-sampling loss)",
 }
 
 

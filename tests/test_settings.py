@@ -30,7 +30,8 @@ KNOWN_FLAGS = {
                  "--width-compensation-rank --compensation-ridge" + LOAD_FLAGS + SAVE_FLAGS,
     "train": "--data --out --steps --batch-size --grad-accum --lr --lr-schedule --max-prompt-tokens "
              "--max-response-tokens --experts "
-             "--top-k --rank --random-shapes --widths --no-distillation --teacher --no-balancing --no-router-noise "
+             "--top-k --rank --random-shapes --widths --shape-sampling --teacher-assistant --no-distillation --teacher "
+             "--no-balancing --no-router-noise "
              "--train-base --train-recovery --save-steps --seed --per-device-train-batch-size "
              "--gradient-accumulation-steps"
              + TRAINER_FLAGS + LOAD_FLAGS + SAVE_FLAGS,
@@ -109,13 +110,15 @@ def test_base_teacher_combinations_are_refused_by_the_settings_in_one_line(tmp_p
 
 def test_training_arguments_are_built_from_the_settings(tmp_path):
     settings = FinetuneSettings(data=["a"], steps=30, batch_size=3, grad_accum=5, learning_rate=1e-3, widths=[1.0, 0.5],
-                                random_shapes=1, distill_teacher="base", loss_balancing=False, save_steps=7, seed=11)
+                                random_shapes=1, distill_teacher="base", loss_balancing=False, save_steps=7, seed=11,
+                                shape_sampling="loss", teacher_assistant=True)
     arguments = settings.training_arguments(tmp_path, logging_steps=1)
     assert (arguments.max_steps, arguments.per_device_train_batch_size, arguments.gradient_accumulation_steps) == (
         30, 3, 5)
     assert (arguments.learning_rate, arguments.max_grad_norm, arguments.save_steps) == (1e-3, 0.3, 7)
     assert (arguments.shape_widths, arguments.random_shapes, arguments.distill_teacher) == ([1.0, 0.5], 1, "base")
     assert (arguments.loss_balancing, arguments.distillation) == (False, True)
+    assert (arguments.shape_sampling, arguments.teacher_assistant) == ("loss", True)
     assert (arguments.seed, arguments.data_seed, arguments.shape_seed, arguments.logging_steps) == (11, 11, 11, 1)
     assert arguments.output_dir == str(tmp_path)
 

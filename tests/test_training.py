@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -77,17 +78,17 @@ def train_one_step(model: AmoebaForCausalLM, tmp_path: Path, **recipe):
 
     trainer.accelerator.backward, trainer.sample_shapes = recording_backward, recording_sample_shapes
     trainer.train()
-    return snapshot.gradients, backward_losses, shapes
+    return snapshot.gradients, backward_losses, shapes, trainer
 
 
 def reference_gradients(model, shapes, *, distillation: bool, balancing: bool, exact: bool,
-                        base_teacher=None) -> dict[str, torch.Tensor]:
+                        base_teacher=None, assistant: bool = False) -> dict[str, torch.Tensor]:
     """The total loss written out from the formulas, one backward.
 
     Per micro-batch: CE of the largest shape on the response tokens; each other shape's soft cross-entropy against
     the largest shape's detached distribution (or CE without distillation), times sg(L_0)/sg(L_i) with balancing.
     With `base_teacher` (a plain model), every shape of the sandwich is distilled from its distribution and L_0 is
-    its CE on the response tokens.
+    its CE on the response tokens. With `assistant`, each shape after the first is distilled from the shape before it.
     Token sums are divided by the response-token count of the whole accumulated batch (`exact`), or naively by the
     micro-batch's own count times the number of micro-batches.
     """
@@ -121,6 +122,8 @@ def reference_gradients(model, shapes, *, distillation: bool, balancing: bool, e
                     teacher_probs = torch.softmax(logits.detach(), dim=-1)
             elif balancing:
                 loss = loss * teacher_loss / loss.detach()
+            if assistant:
+                teacher_probs = torch.softmax(logits.detach(), dim=-1)
             total = total + loss
     total.backward()
     return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
@@ -132,50 +135,127 @@ def largest_difference(left: dict[str, torch.Tensor], right: dict[str, torch.Ten
 
 
 def test_every_balanced_loss_equals_the_largest_shapes_loss(tmp_path):
-    _, losses, shapes = train_one_step(smol_model(), tmp_path, random_shapes=2)
+    _, losses, shapes, _ = train_one_step(smol_model(), tmp_path, random_shapes=2)
     assert [len(s) for s in shapes] == [4, 4] and len(losses) == 8
     for micro in (losses[:4], losses[4:]):
         assert all(value == pytest.approx(micro[0], rel=1e-6) for value in micro[1:]), micro
     assert losses[0] != pytest.approx(losses[4], rel=1e-3)
 
-    _, unbalanced, _ = train_one_step(smol_model(), tmp_path / "off", random_shapes=2, loss_balancing=False)
+    _, unbalanced, _, _ = train_one_step(smol_model(), tmp_path / "off", random_shapes=2, loss_balancing=False)
     assert unbalanced[0] == pytest.approx(losses[0], rel=1e-6)
     assert all(abs(value - unbalanced[0]) > 1e-4 * unbalanced[0] for value in unbalanced[1:4]), unbalanced
 
 
-@pytest.mark.parametrize(
-    "recipe",
-    [{}, {"loss_balancing": False}, {"distillation": False}, {"distill_loss": "kl", "loss_balancing": False},
-     {"distill_teacher": "base"}],
-    ids=["distill+balance", "no-balancing", "ce-only", "kl-no-balancing", "base-teacher"],
-)
-def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, recipe):
-    """The base teacher's reference is the plain Llama the model was converted from, before any experts."""
-    base_teacher = recipe.get("distill_teacher") == "base"
+def noiseless_model(exact_full_shape: bool = False) -> AmoebaForCausalLM:
+    """Tiny any-shape model whose experts route without noise (a deterministic forward to compare against) and have
+    non-zero B matrices (every shape differs)."""
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3).enable_smol(
-        experts=3, top_k=2, rank=4, router_noise=False, exact_full_shape=base_teacher
+        experts=3, top_k=2, rank=4, router_noise=False, exact_full_shape=exact_full_shape
     )
     with torch.no_grad():
         generator = torch.Generator().manual_seed(1)
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [{}, {"loss_balancing": False}, {"distillation": False}, {"distill_loss": "kl", "loss_balancing": False},
+     {"distill_teacher": "base"}, {"teacher_assistant": True}, {"distill_teacher": "base", "teacher_assistant": True}],
+    ids=["distill+balance", "no-balancing", "ce-only", "kl-no-balancing", "base-teacher", "teacher-assistant",
+         "base-teacher-assistant"],
+)
+def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, recipe):
+    """The base teacher's reference is the plain Llama the model was converted from, before any experts. With a
+    teacher assistant, the sandwich runs largest to smallest, and distilling from the teacher instead must show."""
+    base_teacher, assistant = recipe.get("distill_teacher") == "base", recipe.get("teacher_assistant", False)
+    model = noiseless_model(exact_full_shape=base_teacher)
     initial = copy.deepcopy(model)
-    gradients, _, shapes = train_one_step(model, tmp_path, random_shapes=2, **recipe)
+    gradients, _, shapes, _ = train_one_step(model, tmp_path, random_shapes=2, **recipe)
+    if assistant:
+        sizes = [[model.shape_space.parameter_count(*shape) for shape in s] for s in shapes]
+        assert all(s[-1] == (3, 0.5) for s in shapes) and all(z == sorted(z, reverse=True) for z in sizes), shapes
     if base_teacher:
-        assert all(s[0] == (3, 0.5) and (6, 1.0) not in s and len(s) == 3 for s in shapes), shapes
+        assert all((3, 0.5) in s and (6, 1.0) not in s and len(s) == 3 for s in shapes), shapes
     else:
-        assert all(s[0] == (6, 1.0) and s[1] == (3, 0.5) for s in shapes)
-    options = {"distillation": recipe.get("distillation", True), "balancing": recipe.get("loss_balancing", True)}
+        assert all(s[0] == (6, 1.0) and (3, 0.5) in s for s in shapes)
+    if not assistant:
+        assert all(s[-3] == (3, 0.5) for s in shapes)
+    options = {"distillation": recipe.get("distillation", True), "balancing": recipe.get("loss_balancing", True),
+               "assistant": assistant}
     if base_teacher:
         options["base_teacher"] = tiny_source("llama").eval()
     exact = reference_gradients(initial, shapes, exact=True, **options)
     assert any("shape_router" in n for n in exact) and any("lora_A" in n for n in exact)
     scale = max(g.abs().max().item() for g in exact.values())
     assert largest_difference(gradients, exact) <= 1e-5 * scale
+    if assistant:
+        from_teacher = reference_gradients(initial, shapes, exact=True, **{**options, "assistant": False})
+        assert largest_difference(gradients, from_teacher) >= 1e-2 * scale
 
     naive = reference_gradients(initial, shapes, exact=False, **options)
     assert largest_difference(gradients, naive) >= 1e-2 * scale
+
+
+def width_bins(model: AmoebaForCausalLM) -> list[tuple[float, float]]:
+    """[min_width, 1] cut at the model's calibrated grid widths."""
+    edges = sorted({model.config.min_width, 1.0, *model.config.width_grid})
+    return list(zip(edges[:-1], edges[1:]))
+
+
+def test_loss_directed_sampling_scores_each_random_shape_by_its_kl_from_the_teacher(tmp_path):
+    """After one step (2 micro-batches, same weights), each drawn bin's score is the running KL of its shapes
+    from the largest shape, computed here from the formula on an untouched copy of the model."""
+    model = noiseless_model()
+    initial = copy.deepcopy(model).train()
+    _, _, shapes, trainer = train_one_step(model, tmp_path, random_shapes=2, shape_sampling="loss")
+    batches = micro_batches()
+    total_tokens = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in batches)
+    expected: dict[str, float] = {}
+    with torch.no_grad():
+        for batch, sandwich in zip(batches, shapes):
+            mask = batch["labels"][:, 1:].ne(-100)
+            log_probs = {}
+            for shape in (sandwich[0], *sandwich[2:]):
+                initial.set_shape(*shape)
+                logits = initial(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                log_probs[shape] = torch.log_softmax(logits[:, :-1], dim=-1)
+            teacher = log_probs[sandwich[0]]
+            for depth, width in sandwich[2:]:
+                kl = (teacher.exp() * (teacher - log_probs[(depth, width)])).sum(-1)
+                value = float((kl * mask).sum()) / total_tokens
+                low, high = next((lo, hi) for lo, hi in width_bins(initial) if lo <= width <= hi)
+                key = f"{depth}:{low:g}-{high:g}"
+                expected[key] = value if key not in expected else 0.7 * expected[key] + 0.3 * value
+    assert expected and trainer._shape_scores.keys() == expected.keys()
+    assert all(trainer._shape_scores[k] == pytest.approx(v, rel=1e-4) for k, v in expected.items())
+    assert min(expected.values()) > 0
+
+
+def test_loss_directed_sampling_draws_in_proportion_to_bin_length_times_score(tmp_path):
+    model = smol_model()
+    args = AmoebaTrainingArguments(output_dir=str(tmp_path), shape_sampling="loss", report_to=[], use_cpu=True)
+    trainer = AmoebaTrainer(model=model, args=args)
+    space, bins = model.shape_space, width_bins(model)
+    keys = [f"{d}:{lo:g}-{hi:g}" for d in space.depths for lo, hi in bins]
+    lengths = [hi - lo for d in space.depths for lo, hi in bins]
+    rng = random.Random(0)
+    draws = 6000
+    for scores in ([1.0] * len(keys), [10.0 if i == 1 else 1.0 for i in range(len(keys))]):
+        trainer._shape_scores = dict(zip(keys, scores))
+        counts = dict.fromkeys(keys, 0)
+        for _ in range(draws):
+            depth, width = trainer._loss_directed_shape(rng, space, "random0")
+            key = trainer._sampled_bins["random0"]
+            low, high = map(float, key.split(":")[1].split("-"))
+            assert int(key.split(":")[0]) == depth and low <= width <= high
+            counts[key] += 1
+        weights = [length * score for length, score in zip(lengths, scores)]
+        for key, weight in zip(keys, weights):
+            expected = draws * weight / sum(weights)
+            assert abs(counts[key] - expected) <= 4 * expected**0.5 + 1, (key, counts[key], expected)
 
 
 def test_closed_form_soft_cross_entropy_equals_autograd():
@@ -195,10 +275,11 @@ def run_worker(*args: str, timeout: int = 300) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("engine, port", [("ddp", "29531"), ("fsdp", "29532")])
+@pytest.mark.parametrize("engine, port", [("ddp", "29531"), ("fsdp", "29532"), ("ddp-loss", "29533")])
 def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, engine, port):
     """Same global batch (4 x 2 accumulation, sequential order), 3 SGD steps with clipping and router noise, with
-    DDP and with FSDP2 (every decoder layer sharded over the 2 processes).
+    DDP, with FSDP2 (every decoder layer sharded over the 2 processes) and with DDP drawing shapes by their loss
+    (the processes must keep the same scores).
 
     Holds only if balancing uses the losses of the whole micro-batch (summed over processes), if parameters used
     by an earlier shape of the sandwich, under `no_sync`, but not by the last one, are still reduced, and (FSDP) if
@@ -206,7 +287,7 @@ def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, engine, 
     """
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     run_worker(*torchrun, "training_worker.py", engine, str(tmp_path / "ddp.pt"))
-    run_ddp(str(tmp_path / "single.pt"))
+    run_ddp(str(tmp_path / "single.pt"), "ddp-loss" if engine == "ddp-loss" else "ddp")
     rank0, rank1 = torch.load(tmp_path / "ddp.rank0.pt"), torch.load(tmp_path / "ddp.rank1.pt")
     single = torch.load(tmp_path / "single.rank0.pt")
 
@@ -232,13 +313,17 @@ def write_instructions(path: Path, count: int = 24) -> Path:
     return path
 
 
-def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("shape_sampling", ["uniform", "loss"])
+def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, shape_sampling):
+    """With loss-directed sampling the shapes drawn after the resume depend on the scores of the steps before it."""
     data = write_instructions(tmp_path / "data.json")
-    run_finetune(str(tmp_path / "straight"), str(data), str(tmp_path / "straight.pt"), pause_step=None)
+    run_finetune(str(tmp_path / "straight"), str(data), str(tmp_path / "straight.pt"), shape_sampling, pause_step=None)
 
     work = tmp_path / "killed"
+    worker = [sys.executable, "training_worker.py", "finetune", str(work), str(data), str(tmp_path / "killed.pt"),
+              shape_sampling]
     process = subprocess.Popen(
-        [sys.executable, "training_worker.py", "finetune", str(work), str(data), str(tmp_path / "killed.pt"), "3"],
+        [*worker, "3"],
         cwd=TESTS, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     try:
@@ -254,7 +339,7 @@ def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path
     (work / "checkpoint-4").mkdir()
     (work / "checkpoint-4" / "model.safetensors").write_bytes(b"half-written")
 
-    run_worker(sys.executable, "training_worker.py", "finetune", str(work), str(data), str(tmp_path / "killed.pt"))
+    run_worker(*worker)
     straight, resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "killed.pt")
     assert straight.keys() == resumed.keys()
     changed = [n for n in straight if "lora_B" in n and straight[n].abs().sum() > 0]

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 training_worker.py ddp RESULT.pt      (or plain python for the 1-process run)
     torchrun --nproc_per_node 2 training_worker.py fsdp RESULT.pt     (FSDP2, full shard, through the Trainer)
-    python training_worker.py finetune WORK_DIR DATA.json RESULT.pt [PAUSE_STEP]
+    torchrun --nproc_per_node 2 training_worker.py ddp-loss RESULT.pt (DDP, loss-directed shape sampling)
+    python training_worker.py finetune WORK_DIR DATA.json RESULT.pt SHAPE_SAMPLING [PAUSE_STEP]
 
 Both run on one thread per process (several processes share the CPU) and save their final weights to RESULT.pt.
 """
@@ -65,7 +66,8 @@ def smol_model() -> AmoebaForCausalLM:
 
 def run_ddp(result_path: str, engine: str = "ddp") -> None:
     """3 SGD steps, global batch 4 x 2 accumulation, whatever the process count; saves weights and the shapes used.
-    `engine="fsdp"` shards every decoder layer with FSDP2 (weights gathered back for the comparison)."""
+    `engine="fsdp"` shards every decoder layer with FSDP2 (weights gathered back for the comparison); "ddp-loss" is
+    DDP with loss-directed shape sampling."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     model = smol_model()
     tokenizer = tiny_tokenizer()
@@ -85,6 +87,7 @@ def run_ddp(result_path: str, engine: str = "ddp") -> None:
         disable_tqdm=True,
         ddp_backend="gloo" if world_size > 1 else None,
         use_cpu=True,
+        shape_sampling="loss" if engine == "ddp-loss" else "uniform",
         **FSDP_ARGUMENTS if engine == "fsdp" else {},
     )
     trainer = AmoebaTrainer(
@@ -118,10 +121,11 @@ class PauseAtStep(TrainerCallback):
             time.sleep(600)
 
 
-def run_finetune(work_dir: str, data: str, result_path: str, pause_step: int | None) -> None:
+def run_finetune(work_dir: str, data: str, result_path: str, shape_sampling: str, pause_step: int | None) -> None:
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
     settings = FinetuneSettings(
         data=[data], steps=5, batch_size=2, grad_accum=2, experts=3, top_k=2, rank=4, save_steps=2, seed=0,
+        shape_sampling=shape_sampling,
     )
     callbacks = [PauseAtStep(pause_step)] if pause_step is not None else None
     finetune(model, tiny_tokenizer(), settings, work_dir, callbacks=callbacks, disable_tqdm=True, use_cpu=True)
@@ -130,7 +134,7 @@ def run_finetune(work_dir: str, data: str, result_path: str, pause_step: int | N
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[1] in ("ddp", "fsdp"):
+    if sys.argv[1] in ("ddp", "fsdp", "ddp-loss"):
         run_ddp(sys.argv[2], sys.argv[1])
     else:
-        run_finetune(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else None)
+        run_finetune(*sys.argv[2:6], int(sys.argv[6]) if len(sys.argv) > 6 else None)

@@ -31,7 +31,7 @@ from .data import (
     load_instructions,
     text_dataset,
 )
-from .trainer import TEACHERS, AmoebaTrainer, AmoebaTrainingArguments
+from .trainer import SHAPE_SAMPLINGS, TEACHERS, AmoebaTrainer, AmoebaTrainingArguments
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # TrainingArguments that change how training runs, not what it learns: left out of the resume fingerprint.
@@ -141,6 +141,15 @@ class FinetuneSettings:
     widths: list[float] | None = field(
         default=None, metadata={"help": "widths to sample, e.g. 1,0.875,0.75 (default: uniform range)"}
     )
+    shape_sampling: str = field(
+        default="uniform",
+        metadata={"help": "how the random shapes are drawn: uniform, or loss (in proportion to their running KL from "
+                          "the teacher: the batch goes to the shapes furthest from it)", "choices": SHAPE_SAMPLINGS},
+    )
+    teacher_assistant: bool = field(
+        default=False,
+        metadata={"help": "distil each student from the next larger shape of its step instead of from the teacher"},
+    )
     distillation: bool = field(default=True, metadata={"help": "train every shape on labels (ablation)"})
     distill_teacher: str = field(
         default="largest",
@@ -201,6 +210,11 @@ class FinetuneSettings:
         for width in self.widths or ():
             if not 0.0 < width <= 1.0:
                 raise ValueError(f"width {width} is outside (0, 1]")
+        if self.shape_sampling not in SHAPE_SAMPLINGS:
+            raise ValueError(f"shape_sampling must be one of {SHAPE_SAMPLINGS}, got {self.shape_sampling!r}")
+        if (self.teacher_assistant or self.shape_sampling == "loss") and not self.distillation:
+            raise ValueError("teacher_assistant (--teacher-assistant) and shape_sampling 'loss' (--shape-sampling) "
+                             "are defined by the students' divergence from a teacher; they need distillation on")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.template not in TEMPLATES:
@@ -237,6 +251,8 @@ class FinetuneSettings:
             "distill_teacher": self.distill_teacher,
             "loss_balancing": self.loss_balancing,
             "shape_seed": self.seed,
+            "shape_sampling": self.shape_sampling,
+            "teacher_assistant": self.teacher_assistant,
         }
         return AmoebaTrainingArguments(**{**arguments, **overrides})
 

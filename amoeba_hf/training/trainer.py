@@ -18,6 +18,11 @@ from .data import IGNORE_INDEX
 
 DISTILL_LOSSES = ("soft_ce", "kl")
 TEACHERS = ("largest", "base")
+SHAPE_SAMPLINGS = ("uniform", "loss")
+# Weight of a shape's previous divergence in its running score (loss-directed sampling): a shape is drawn a few dozen
+# times in hundreds of steps, and every shape's divergence falls as training goes on.
+SCORE_MEMORY = 0.7
+SCORES_STATE_KEY = "AmoebaTrainer.shape_scores"  # its entry in trainer_state.json's stateful_callbacks
 
 
 @dataclass
@@ -50,6 +55,14 @@ class AmoebaTrainingArguments(TrainingArguments):
     distill_ce_weight: float = field(default=0.0, metadata={"help": "mix of label CE into student losses"})
     loss_balancing: bool = field(default=True)
     shape_seed: int = field(default=0, metadata={"help": "seed of shape sampling (same on every process)"})
+    shape_sampling: str = field(
+        default="uniform",
+        metadata={"help": "uniform, or loss: random shapes in proportion to their running KL from the teacher",
+                  "choices": SHAPE_SAMPLINGS},
+    )
+    teacher_assistant: bool = field(
+        default=False, metadata={"help": "distil each student from the next larger shape of its sandwich"}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -61,6 +74,11 @@ class AmoebaTrainingArguments(TrainingArguments):
             raise ValueError("distill_teacher='base' needs distillation=True")
         if self.random_shapes < 0:
             raise ValueError(f"random_shapes must be >= 0, got {self.random_shapes}")
+        if self.shape_sampling not in SHAPE_SAMPLINGS:
+            raise ValueError(f"shape_sampling must be one of {SHAPE_SAMPLINGS}, got {self.shape_sampling!r}")
+        if (self.teacher_assistant or self.shape_sampling == "loss") and not self.distillation:
+            raise ValueError("teacher_assistant and shape_sampling='loss' need distillation=True: both are defined by "
+                             "the students' divergence from a teacher")
         if not 0.0 <= self.distill_ce_weight <= 1.0:
             raise ValueError(f"distill_ce_weight must be in [0, 1], got {self.distill_ce_weight}")
         if self.ddp_find_unused_parameters is None:
@@ -117,6 +135,8 @@ class AmoebaTrainer(Trainer):
             self._check_base_teacher(self.accelerator.unwrap_model(self.model))
         self._shape_losses: dict[str, list[float]] = {}
         self._micro_step = (-1, 0)
+        self._shape_scores: dict[str, float] = {}
+        self._sampled_bins: dict[str, str] = {}
 
     def sample_shapes(self, model) -> list[tuple[str, tuple[int, float]]]:
         """The sandwich for this micro-batch; seeded by (seed, step, micro-batch) so processes and resumes agree."""
@@ -128,16 +148,51 @@ class AmoebaTrainer(Trainer):
         shapes = [("largest", full), ("smallest", (min(space.depths), space.min_width))]
         if self.args.distill_teacher == "base":
             shapes = shapes[1:]
+        draw = self._random_shape if self.args.shape_sampling == "uniform" else self._loss_directed_shape
+        self._sampled_bins = {}
         for index in range(self.args.random_shapes):
-            shape = self._random_shape(rng, space)
+            role = f"random{index}"
+            shape = draw(rng, space, role)
             while self.args.distill_teacher == "base" and shape == full:
-                shape = self._random_shape(rng, space)
-            shapes.append((f"random{index}", shape))
+                shape = draw(rng, space, role)
+            shapes.append((role, shape))
+        if self.args.teacher_assistant:
+            shapes.sort(key=lambda item: space.parameter_count(*item[1]), reverse=True)
         return shapes
 
-    def _random_shape(self, rng: random.Random, space) -> tuple[int, float]:
+    def _random_shape(self, rng: random.Random, space, role: str) -> tuple[int, float]:
         widths = self.args.shape_widths
         return rng.choice(space.depths), rng.choice(widths) if widths else round(rng.uniform(space.min_width, 1.0), 4)
+
+    def _width_bins(self, space) -> list[tuple[float, float]]:
+        """What loss-directed sampling keeps a score for, per depth: each listed width (`shape_widths`), or the
+        uniform range [min_width, 1] cut at the model's grid widths (a width is then drawn uniformly in its bin)."""
+        if self.args.shape_widths:
+            return [(width, width) for width in self.args.shape_widths]
+        edges = sorted({space.min_width, 1.0, *(w for w in space.width_grid if space.min_width < w < 1.0)})
+        return list(zip(edges[:-1], edges[1:])) or [(1.0, 1.0)]
+
+    def _loss_directed_shape(self, rng: random.Random, space, role: str) -> tuple[int, float]:
+        """A random shape drawn with probability (uniform sampler's) x (its bin's running divergence); a bin not yet
+        drawn scores as the highest seen, so every bin is tried and equal scores give the uniform sampler."""
+        bins = self._width_bins(space)
+        candidates = [(depth, low, high) for depth in space.depths for low, high in bins]
+        unseen = max(self._shape_scores.values(), default=1.0)
+        weights = [(high - low or 1.0) * self._shape_scores.get(f"{depth}:{low:g}-{high:g}", unseen)
+                   for depth, low, high in candidates]
+        depth, low, high = rng.choices(candidates, weights)[0]
+        self._sampled_bins[role] = f"{depth}:{low:g}-{high:g}"
+        return depth, low if low == high else round(rng.uniform(low, high), 4)
+
+    def _update_score(self, role: str, divergence: torch.Tensor) -> None:
+        """Folds a random shape's divergence (summed over processes, so every process keeps the same scores) into
+        its bin's running score."""
+        key = self._sampled_bins.get(role)
+        if key is None:
+            return
+        value = self._summed_over_processes(divergence).item()
+        previous = self._shape_scores.get(key)
+        self._shape_scores[key] = value if previous is None else SCORE_MEMORY * previous + (1 - SCORE_MEMORY) * value
 
     def _check_base_teacher(self, model) -> None:
         """The base teacher needs an expert-free full shape, frozen base weights and another shape to train."""
@@ -172,28 +227,30 @@ class AmoebaTrainer(Trainer):
         return count
 
     def _teacher_targets(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The teacher's detached distribution at temperature T, and what turns soft CE into KL:
-        `sum(p * log p)` for `distill_loss="kl"` (a constant, so both losses have the same gradient), else 0."""
+        """The teacher's detached distribution p at temperature T, and `sum(p * log p)`: what turns the soft
+        cross-entropy into KL (the same gradient; the loss with `distill_loss="kl"`, the score of loss-directed
+        sampling either way)."""
         log_probs = F.log_softmax(logits.detach().float() / self.args.distill_temperature, dim=-1)
         probs = log_probs.exp()
-        if self.args.distill_loss == "kl":
-            return probs, torch.dot(probs.reshape(-1), log_probs.reshape(-1))
-        return probs, probs.new_zeros(())
+        return probs, torch.dot(probs.reshape(-1), log_probs.reshape(-1))
 
     def _shape_loss(self, logits: torch.Tensor, targets: torch.Tensor,
-                    teacher: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """Summed loss of one shape over the labelled positions: cross-entropy, or distillation from `teacher`."""
+                    teacher: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Summed loss of one shape over the labelled positions (cross-entropy, or distillation from `teacher`), and
+        its detached KL from the teacher (None without one)."""
         logits = logits.float()
         if teacher is None:
-            return F.cross_entropy(logits, targets, reduction="sum")
-        probs, kl_offset = teacher
+            return F.cross_entropy(logits, targets, reduction="sum"), None
+        probs, neg_entropy = teacher
         temperature = self.args.distill_temperature
         student = logits if temperature == 1.0 else logits / temperature
-        distill = (SoftCrossEntropy.apply(student, probs) + kl_offset) * temperature**2
+        soft_ce = SoftCrossEntropy.apply(student, probs)
+        divergence = (soft_ce.detach() + neg_entropy) * temperature**2
+        distill = (soft_ce + neg_entropy if self.args.distill_loss == "kl" else soft_ce) * temperature**2
         weight = self.args.distill_ce_weight
         if weight == 0.0:
-            return distill
-        return (1.0 - weight) * distill + weight * F.cross_entropy(logits, targets, reduction="sum")
+            return distill, divergence
+        return (1.0 - weight) * distill + weight * F.cross_entropy(logits, targets, reduction="sum"), divergence
 
     def _summed_over_processes(self, loss: torch.Tensor) -> torch.Tensor:
         """A detached loss summed over processes: under DDP a micro-batch is the union of every process's slice,
@@ -230,15 +287,18 @@ class AmoebaTrainer(Trainer):
                 sync = contextlib.nullcontext() if last else self.accelerator.no_sync(model)
                 with sync, self.compute_loss_context_manager():
                     logits = model(**forward_inputs, use_cache=False, logits_to_keep=mask).logits
-                    loss = self._shape_loss(logits, targets, teacher) / normaliser
+                    loss, divergence = self._shape_loss(logits, targets, teacher)
+                    loss = loss / normaliser
                     self._shape_losses.setdefault(role, []).append(loss.detach().item())
+                    if divergence is not None and self.args.shape_sampling == "loss":
+                        self._update_score(role, divergence / normaliser)
                     if self.args.loss_balancing:
                         magnitude = self._summed_over_processes(loss.detach())
                         if teacher_magnitude is None:
                             teacher_magnitude = magnitude
                         else:
                             loss = loss * (teacher_magnitude / magnitude.clamp(min=1e-12))
-                    if index == 0 and teacher is None and self.args.distillation:
+                    if self.args.distillation and (teacher is None or self.args.teacher_assistant) and not last:
                         teacher = self._teacher_targets(logits)
                     self.accelerator.backward(loss)
                     total += loss.detach()
@@ -246,6 +306,19 @@ class AmoebaTrainer(Trainer):
         finally:
             amoeba.set_shape(*amoeba.shape_space.full_shape)
         return total
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Loss-directed sampling's scores go into the checkpoint's trainer_state.json, written last, so a complete
+        checkpoint always has them and a resumed run draws the shapes the uninterrupted one would have."""
+        if self.args.shape_sampling == "loss":
+            self.state.stateful_callbacks[SCORES_STATE_KEY] = {"args": {}, "attributes": dict(self._shape_scores)}
+        super()._save_checkpoint(model, trial)
+
+    def _init_training_state(self, *args, **kwargs) -> tuple[int, int]:
+        epochs_and_steps = super()._init_training_state(*args, **kwargs)
+        saved = self.state.stateful_callbacks.get(SCORES_STATE_KEY)
+        self._shape_scores = dict(saved["attributes"]) if saved else {}
+        return epochs_and_steps
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """A checkpoint holds only what trains (experts and router, or every weight with `train_base`): the frozen
