@@ -56,6 +56,7 @@ ALPACA = "{data}/finetune/alpaca_en_demo.json"
 DEV_TEXT = "calibration/wiki_demo.txt"
 PPL_TOKENS, PPL_WINDOW = 32768, 512  # issue 13's WikiText-2 protocol
 PROBE_STEPS = 12  # optimizer steps of the per-shape baseline's timed probe run
+NORM_STEPS = 100  # optimizer steps of the norm-scale bound per size class
 # CPU per step of the whole per-shape run over the probe's: measured on the 80% class (5.1 / 3.8 CPU s)
 PROBE_UNDERCOUNT = 1.34
 DENSE_ROW = "no_recovery"  # its full shape is the dense model; every recipe distils from the frozen base, whose
@@ -76,6 +77,7 @@ CONVERT = Step("base", ("convert",))  # shared by the recipes, not counted in th
 CALIBRATION = ("calibrate", "--data", C4, "--widths", WIDTHS, "--depth-method", "block-influence")
 # the recipes of issue 13: no bridges, no width compensation
 CALIBRATE_BI = Step("cal_bi", (*CALIBRATION, "--no-depth-bridges", "--no-width-compensation"), "base")
+CALIBRATE_BI_64 = Step("cal_bi_64", (*CALIBRATE_BI.args, "--samples", "64"), "base")  # 64 x 256 tokens
 CALIBRATE_QH = Step("cal_qh", (*CALIBRATE_BI.args, "--attention-unit", "query_heads"), "base")
 CALIBRATE_QH_GLOBAL = Step("cal_qh_global", (*CALIBRATE_QH.args, "--width-mode", "global"), "base")
 CALIBRATE_BRIDGES = Step("cal_bi_bridges", (*CALIBRATION, "--depth-bridges", "--no-width-compensation"), "base")
@@ -123,6 +125,8 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "stage_2_200": (CALIBRATE_BI, train("stage_2_200", "cal_bi", *STANDARD_STAGE_2, "--steps", "200")),
     "teacher_assistant_200": (CALIBRATE_BI, train("teacher_assistant_200", "cal_bi", *STANDARD_STAGE_2, "--steps",
                                                   "200", "--teacher-assistant")),
+    "calibration_64_200": (CALIBRATE_BI_64, train("calibration_64_200", "cal_bi_64", *STANDARD_STAGE_2, "--steps",
+                                                  "200")),
     "hardest_shapes_200": (CALIBRATE_BI, train("hardest_shapes_200", "cal_bi", *STANDARD_STAGE_2, "--steps", "200",
                                                "--shape-sampling", "loss")),
 }
@@ -148,6 +152,7 @@ LABELS = {
     "stage_2_200": "the standard preset's Stage 2 with 200 steps (the reference of the sampling and order levers)",
     "teacher_assistant_200": "stage_2_200 with a teacher-assistant order: each student learns from the next larger "
                              "shape of its sandwich (--teacher-assistant)",
+    "calibration_64_200": "stage_2_200 calibrated on 64 x 256 C4 tokens instead of 16 x 256",
     "hardest_shapes_200": "stage_2_200 with the random shapes drawn in proportion to their running KL from the "
                           "teacher (--shape-sampling loss)",
 }
@@ -321,6 +326,37 @@ class CpuBudget(TrainerCallback):
             control.should_training_stop = True
 
 
+def distillation_settings(args) -> FinetuneSettings:
+    """The subnet baselines' Stage-2 settings: the standard preset's data, batch, learning rate and schedule."""
+    return FinetuneSettings(data=[arg.format(data=args.data_dir) for arg in (C4, ALPACA)], batch_size=2, grad_accum=1,
+                            learning_rate=1e-3, lr_schedule="cosine", distill_teacher="base", router_noise=False,
+                            save_steps=25)
+
+
+def subnet_distiller(student: torch.nn.Module, teacher: torch.nn.Module, dataset, tokenizer,
+                     settings: FinetuneSettings, steps: int, output: Path) -> SubnetDistiller:
+    return SubnetDistiller(
+        model=student, teacher=teacher, train_dataset=dataset, processing_class=tokenizer,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+        args=settings.training_arguments(output, max_steps=steps, use_cpu=True, remove_unused_columns=False))
+
+
+def frozen_base(args) -> torch.nn.Module:
+    """The teacher of the subnet baselines: the source model, plain and frozen."""
+    return AmoebaForCausalLM.from_pretrained(args.work / "base").export_subnet().eval().requires_grad_(False)
+
+
+def score_subnet(folder: Path, label: str, row: dict, args, tokenizer) -> None:
+    """Scores the plain model saved in `folder / "model"` like the recipes' shapes (zero-shot for the classes asked)."""
+    plain = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
+    model = AmoebaForCausalLM.from_llama(plain).eval()
+    tasks = ["wikitext2", *(ZERO_SHOT if label in args.zero_shot_classes.split(",") else ())]
+    scores = evaluate_shapes(model, tokenizer, [tuple(model.shape_space.full_shape)], tasks, eval_settings(args),
+                             model_name=str(folder / "model"), out=folder / "eval.json")
+    (scored,) = scores["shapes"].values()
+    record_scores(row, scored["tasks"])
+
+
 def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
     """Issue 22's equal-cost baseline: each size class's shape of `args.per_shape_of` (picked on the development
     set), exported from that recipe's calibrated checkpoint as a plain model and distilled alone from the base with
@@ -336,13 +372,10 @@ def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
         "checkpoint": str(args.work / "per_shape")})
     entry["picked"] = results["recipes"][recipe]["picked"]
     rows = entry.setdefault("shapes", {})
-    settings = FinetuneSettings(data=[arg.format(data=args.data_dir) for arg in (C4, ALPACA)], batch_size=2,
-                                grad_accum=1, learning_rate=1e-3, lr_schedule="cosine", distill_teacher="base",
-                                router_noise=False, save_steps=25)
+    settings = distillation_settings(args)
     source = AmoebaForCausalLM.from_pretrained(args.work / calibrated)
-    teacher = AmoebaForCausalLM.from_pretrained(args.work / "base").export_subnet().eval().requires_grad_(False)
+    teacher = frozen_base(args)
     dataset = build_dataset(settings.data, tokenizer, settings)
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True)
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=list(SMOL_TARGETS))
     for label, (depth, width) in entry["picked"].items():
         key = shape_key(depth, width)
@@ -354,11 +387,7 @@ def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
                 def distiller(steps: int, output: Path) -> SubnetDistiller:
                     torch.manual_seed(settings.seed)
                     student = get_peft_model(source.export_subnet(depth, width), lora)
-                    return SubnetDistiller(
-                        model=student, teacher=teacher, train_dataset=dataset, data_collator=collator,
-                        processing_class=tokenizer,
-                        args=settings.training_arguments(output, max_steps=steps, use_cpu=True,
-                                                         remove_unused_columns=False))
+                    return subnet_distiller(student, teacher, dataset, tokenizer, settings, steps, output)
 
                 if "steps" not in row:
                     row["probe_cpu_seconds_per_step"] = cpu_seconds_per_step(distiller(PROBE_STEPS, folder / "probe"))
@@ -373,17 +402,55 @@ def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
                 row["train_minutes"] = (time.perf_counter() - start) / 60
                 row["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
                 save()
-            plain = AutoModelForCausalLM.from_pretrained(folder / "model", dtype=torch.float32)
-            model = AmoebaForCausalLM.from_llama(plain).eval()
-            tasks = ["wikitext2", *(ZERO_SHOT if label in args.zero_shot_classes.split(",") else ())]
-            scores = evaluate_shapes(model, tokenizer, [tuple(model.shape_space.full_shape)], tasks,
-                                     eval_settings(args), model_name=str(folder / "model"), out=folder / "eval.json")
-            (scored,) = scores["shapes"].values()
-            record_scores(row, scored["tasks"])
+            score_subnet(folder, label, row, args, tokenizer)
             save()
     entry["minutes"] = sum(row.get("train_minutes", 0.0) for row in rows.values())
     entry["cpu_minutes"] = sum(row.get("train_cpu_minutes", 0.0) for row in rows.values())
     entry["budget_cpu_minutes"] = budget * len(TARGETS) / 60
+    save()
+
+
+def norm_scales_bound(args, results: dict, save, tokenizer) -> None:
+    """Issue 22's per-shape norm scales, bounded from above: each size class's shape of `args.norm_scales_of`,
+    exported from that recipe's trained checkpoint, with only its RMSNorm weights distilled from the base for
+    NORM_STEPS more steps (same settings as the per-shape baseline). One-for-all training would keep such scales
+    per grid width, shared by every depth and trained only when a shape of that width is drawn: if tuning them for
+    one shape alone does not pay, shared ones cannot."""
+    recipe = args.norm_scales_of
+    name = f"norm_scales_{recipe}"
+    entry = results["recipes"].setdefault(name, {
+        "label": f"{recipe}, then per-shape RMSNorm weights only, {NORM_STEPS} steps of KL from the base per class "
+                 "(an upper bound on per-width norm scales)",
+        "checkpoint": str(args.work / name)})
+    entry["picked"] = results["recipes"][recipe]["picked"]
+    rows = entry.setdefault("shapes", {})
+    settings = distillation_settings(args)
+    source = AmoebaForCausalLM.from_pretrained(args.work / RECIPES[recipe][-1].name)
+    teacher = frozen_base(args)
+    dataset = build_dataset(settings.data, tokenizer, settings)
+    for label, (depth, width) in entry["picked"].items():
+        key = shape_key(depth, width)
+        folder = args.work / name / key
+        row = rows.setdefault(key, {**parameter_entry(source, depth, width), "class": label})
+        if "wikitext2_ppl" in row:
+            continue
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if not (folder / "model" / "config.json").is_file():
+            student = source.export_subnet(depth, width)
+            for parameter_name, parameter in student.named_parameters():
+                parameter.requires_grad_(parameter_name.endswith("norm.weight"))
+            row["trained_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
+            trainer = subnet_distiller(student, teacher, dataset, tokenizer, settings, NORM_STEPS,
+                                       folder / "checkpoints")
+            trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder / "checkpoints"))
+            student.save_pretrained(folder / "model")
+            row["train_minutes"] = (time.perf_counter() - start) / 60
+            row["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
+            save()
+        score_subnet(folder, label, row, args, tokenizer)
+        save()
+    entry["minutes"] = sum(row.get("train_minutes", 0.0) for row in rows.values())
+    entry["cpu_minutes"] = sum(row.get("train_cpu_minutes", 0.0) for row in rows.values())
     save()
 
 
@@ -448,6 +515,9 @@ def main() -> None:
     parser.add_argument("--per-shape-of", choices=tuple(RECIPES), default=None,
                         help="full protocol: also run the equal-cost per-shape distillation baseline of this recipe "
                              "(its shapes, calibrated checkpoint and Stage-2 CPU minutes)")
+    parser.add_argument("--norm-scales-of", choices=tuple(RECIPES), default=None,
+                        help="full protocol: also bound per-shape norm scales from above on this trained recipe's "
+                             "shapes (their RMSNorm weights distilled alone)")
     parser.add_argument("--quantized-dense", action="store_true",
                         help="full protocol: also score the dense model as GGUF q8_0 / f16, the alternative to a shape")
     args = parser.parse_args()
@@ -482,6 +552,8 @@ def main() -> None:
         evaluate_recipe(recipe, args, results, save, tokenizer, dev_ids)
     if args.per_shape_of and args.protocol == "full":
         per_shape_distillation(args, results, save, tokenizer)
+    if args.norm_scales_of and args.protocol == "full":
+        norm_scales_bound(args, results, save, tokenizer)
     if args.quantized_dense and args.protocol == "full":
         quantized_dense(args, results, save, tokenizer)
     plot(results, out.with_suffix(".png"))
