@@ -247,8 +247,7 @@ def test_loss_directed_sampling_draws_in_proportion_to_bin_length_times_score(tm
         trainer._shape_scores = dict(zip(keys, scores))
         counts = dict.fromkeys(keys, 0)
         for _ in range(draws):
-            depth, width = trainer._loss_directed_shape(rng, space, "random0")
-            key = trainer._sampled_bins["random0"]
+            (depth, width), key = trainer._loss_directed_shape(rng, space)
             low, high = map(float, key.split(":")[1].split("-"))
             assert int(key.split(":")[0]) == depth and low <= width <= high
             counts[key] += 1

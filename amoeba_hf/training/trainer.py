@@ -152,17 +152,20 @@ class AmoebaTrainer(Trainer):
         self._sampled_bins = {}
         for index in range(self.args.random_shapes):
             role = f"random{index}"
-            shape = draw(rng, space, role)
+            shape, score_key = draw(rng, space)
             while self.args.distill_teacher == "base" and shape == full:
-                shape = draw(rng, space, role)
+                shape, score_key = draw(rng, space)
+            if score_key is not None:
+                self._sampled_bins[role] = score_key
             shapes.append((role, shape))
         if self.args.teacher_assistant:
             shapes.sort(key=lambda item: space.parameter_count(*item[1]), reverse=True)
         return shapes
 
-    def _random_shape(self, rng: random.Random, space, role: str) -> tuple[int, float]:
+    def _random_shape(self, rng: random.Random, space) -> tuple[tuple[int, float], None]:
         widths = self.args.shape_widths
-        return rng.choice(space.depths), rng.choice(widths) if widths else round(rng.uniform(space.min_width, 1.0), 4)
+        depth = rng.choice(space.depths)
+        return (depth, rng.choice(widths) if widths else round(rng.uniform(space.min_width, 1.0), 4)), None
 
     def _width_bins(self, space) -> list[tuple[float, float]]:
         """What loss-directed sampling keeps a score for, per depth: each listed width (`shape_widths`), or the
@@ -172,21 +175,21 @@ class AmoebaTrainer(Trainer):
         edges = sorted({space.min_width, 1.0, *(w for w in space.width_grid if space.min_width < w < 1.0)})
         return list(zip(edges[:-1], edges[1:])) or [(1.0, 1.0)]
 
-    def _loss_directed_shape(self, rng: random.Random, space, role: str) -> tuple[int, float]:
-        """A random shape drawn with probability (uniform sampler's) x (its bin's running divergence); a bin not yet
-        drawn scores as the highest seen, so every bin is tried and equal scores give the uniform sampler."""
+    def _loss_directed_shape(self, rng: random.Random, space) -> tuple[tuple[int, float], str]:
+        """A random shape drawn with probability (uniform sampler's) x (its bin's running divergence), and its bin's
+        key; a bin not yet drawn scores as the highest seen, so every bin is tried and equal scores give the uniform
+        sampler."""
         bins = self._width_bins(space)
         candidates = [(depth, low, high) for depth in space.depths for low, high in bins]
         unseen = max(self._shape_scores.values(), default=1.0)
         weights = [(high - low or 1.0) * self._shape_scores.get(f"{depth}:{low:g}-{high:g}", unseen)
                    for depth, low, high in candidates]
         depth, low, high = rng.choices(candidates, weights)[0]
-        self._sampled_bins[role] = f"{depth}:{low:g}-{high:g}"
-        return depth, low if low == high else round(rng.uniform(low, high), 4)
+        return (depth, low if low == high else round(rng.uniform(low, high), 4)), f"{depth}:{low:g}-{high:g}"
 
     def _update_score(self, role: str, divergence: torch.Tensor) -> None:
-        """Folds a random shape's divergence (summed over processes, so every process keeps the same scores) into
-        its bin's running score."""
+        """Folds a random shape's divergence into its bin's running score. Summed over processes, so every process
+        keeps the same scores (N processes scale every score by N, which leaves the draws unchanged)."""
         key = self._sampled_bins.get(role)
         if key is None:
             return
@@ -315,6 +318,7 @@ class AmoebaTrainer(Trainer):
         super()._save_checkpoint(model, trial)
 
     def _init_training_state(self, *args, **kwargs) -> tuple[int, int]:
+        """Restores loss-directed sampling's scores from the checkpoint being resumed (none: a fresh start)."""
         epochs_and_steps = super()._init_training_state(*args, **kwargs)
         saved = self.state.stateful_callbacks.get(SCORES_STATE_KEY)
         self._shape_scores = dict(saved["attributes"]) if saved else {}
