@@ -490,10 +490,10 @@ def format_table(results: dict) -> str:
 def plot(results: dict, path: Path) -> None:
     metric = "wikitext2_ppl" if results["protocol"] == "full" else "dev_ppl"
     with png_figure(path) as (_, (axis,)):
-        for recipe, entry in results["recipes"].items():
+        for index, (recipe, entry) in enumerate(results["recipes"].items()):
             rows = sorted((r["total_ratio"], r[metric]) for r in entry.get("shapes", {}).values() if metric in r)
-            if rows:
-                axis.plot(*zip(*rows), marker="o", label=recipe)
+            if rows:  # past ten recipes the colours repeat: the line style tells them apart
+                axis.plot(*zip(*rows), marker="o", linestyle=("-", "--", ":")[index // 10 % 3], label=recipe)
         axis.set_yscale("log")
         axis.set_xlabel("total parameters kept")
         axis.set_ylabel("WikiText-2 perplexity" if metric == "wikitext2_ppl" else "dev perplexity (Wikipedia)")
