@@ -357,6 +357,32 @@ def score_subnet(folder: Path, label: str, row: dict, args, tokenizer) -> None:
     record_scores(row, scored["tasks"])
 
 
+def distil_subnets(args, results: dict, save, tokenizer, name: str, label: str, recipe: str, source, train) -> dict:
+    """The subnet baselines' loop over the size classes of `recipe` (its development-set picks): `train(depth, width,
+    folder, row, cpu_start)` writes the class's plain model to `folder / "model"` unless it is there; its minutes are
+    recorded and it is scored like the recipes. Returns the results entry `name`."""
+    entry = results["recipes"].setdefault(name, {"label": label, "checkpoint": str(args.work / name)})
+    entry["picked"] = results["recipes"][recipe]["picked"]
+    rows = entry.setdefault("shapes", {})
+    for size_class, (depth, width) in entry["picked"].items():
+        key = shape_key(depth, width)
+        folder = args.work / name / key
+        row = rows.setdefault(key, {**parameter_entry(source, depth, width), "class": size_class})
+        if "wikitext2_ppl" in row:
+            continue
+        start, cpu_start = time.perf_counter(), time.process_time()
+        if not (folder / "model" / "config.json").is_file():
+            train(depth, width, folder, row, cpu_start)
+            row["train_minutes"] = (time.perf_counter() - start) / 60
+            row["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
+            save()
+        score_subnet(folder, size_class, row, args, tokenizer)
+        save()
+    entry["minutes"] = sum(row.get("train_minutes", 0.0) for row in rows.values())
+    entry["cpu_minutes"] = sum(row.get("train_cpu_minutes", 0.0) for row in rows.values())
+    return entry
+
+
 def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
     """Issue 22's equal-cost baseline: each size class's shape of `args.per_shape_of` (picked on the development
     set), exported from that recipe's calibrated checkpoint as a plain model and distilled alone from the base with
@@ -366,46 +392,31 @@ def per_shape_distillation(args, results: dict, save, tokenizer) -> None:
     recipe = args.per_shape_of
     calibrated, stage_2 = RECIPES[recipe][0].name, RECIPES[recipe][-1].name
     budget = results["steps"][stage_2]["cpu_minutes"] * 60 / len(TARGETS)
-    entry = results["recipes"].setdefault("per_shape", {
-        "label": f"per-shape distillation of each class alone (plain LoRA subnet from {calibrated}, KL from the "
-                 f"base, C4 + Alpaca), a third of {recipe}'s Stage-2 CPU minutes each",
-        "checkpoint": str(args.work / "per_shape")})
-    entry["picked"] = results["recipes"][recipe]["picked"]
-    rows = entry.setdefault("shapes", {})
     settings = distillation_settings(args)
     source = AmoebaForCausalLM.from_pretrained(args.work / calibrated)
     teacher = frozen_base(args)
     dataset = build_dataset(settings.data, tokenizer, settings)
     lora = LoraConfig(r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=list(SMOL_TARGETS))
-    for label, (depth, width) in entry["picked"].items():
-        key = shape_key(depth, width)
-        folder = args.work / "per_shape" / key
-        row = rows.setdefault(key, {**parameter_entry(source, depth, width), "class": label})
-        if "wikitext2_ppl" not in row:
-            start, cpu_start = time.perf_counter(), time.process_time()
-            if not (folder / "model" / "config.json").is_file():
-                def distiller(steps: int, output: Path) -> SubnetDistiller:
-                    torch.manual_seed(settings.seed)
-                    student = get_peft_model(source.export_subnet(depth, width), lora)
-                    return subnet_distiller(student, teacher, dataset, tokenizer, settings, steps, output)
 
-                if "steps" not in row:
-                    row["probe_cpu_seconds_per_step"] = cpu_seconds_per_step(distiller(PROBE_STEPS, folder / "probe"))
-                    row["steps"] = max(1, round(budget / (row["probe_cpu_seconds_per_step"] * PROBE_UNDERCOUNT))
-                                       - PROBE_STEPS)
-                    save()
-                trainer = distiller(row["steps"], folder / "checkpoints")
-                trainer.add_callback(CpuBudget(budget, cpu_start))
-                trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder / "checkpoints"))
-                row["steps_done"] = trainer.state.global_step
-                trainer.model.merge_and_unload().save_pretrained(folder / "model")
-                row["train_minutes"] = (time.perf_counter() - start) / 60
-                row["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
-                save()
-            score_subnet(folder, label, row, args, tokenizer)
+    def train(depth: int, width: float, folder: Path, row: dict, cpu_start: float) -> None:
+        def distiller(steps: int, output: Path) -> SubnetDistiller:
+            torch.manual_seed(settings.seed)
+            student = get_peft_model(source.export_subnet(depth, width), lora)
+            return subnet_distiller(student, teacher, dataset, tokenizer, settings, steps, output)
+
+        if "steps" not in row:
+            row["probe_cpu_seconds_per_step"] = cpu_seconds_per_step(distiller(PROBE_STEPS, folder / "probe"))
+            row["steps"] = max(1, round(budget / (row["probe_cpu_seconds_per_step"] * PROBE_UNDERCOUNT)) - PROBE_STEPS)
             save()
-    entry["minutes"] = sum(row.get("train_minutes", 0.0) for row in rows.values())
-    entry["cpu_minutes"] = sum(row.get("train_cpu_minutes", 0.0) for row in rows.values())
+        trainer = distiller(row["steps"], folder / "checkpoints")
+        trainer.add_callback(CpuBudget(budget, cpu_start))
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder / "checkpoints"))
+        row["steps_done"] = trainer.state.global_step
+        trainer.model.merge_and_unload().save_pretrained(folder / "model")
+
+    label = (f"per-shape distillation of each class alone (plain LoRA subnet from {calibrated}, KL from the base, "
+             f"C4 + Alpaca), a third of {recipe}'s Stage-2 CPU minutes each")
+    entry = distil_subnets(args, results, save, tokenizer, "per_shape", label, recipe, source, train)
     entry["budget_cpu_minutes"] = budget * len(TARGETS) / 60
     save()
 
@@ -414,43 +425,26 @@ def norm_scales_bound(args, results: dict, save, tokenizer) -> None:
     """Issue 22's per-shape norm scales, bounded from above: each size class's shape of `args.norm_scales_of`,
     exported from that recipe's trained checkpoint, with only its RMSNorm weights distilled from the base for
     NORM_STEPS more steps (same settings as the per-shape baseline). One-for-all training would keep such scales
-    per grid width, shared by every depth and trained only when a shape of that width is drawn: if tuning them for
-    one shape alone does not pay, shared ones cannot."""
+    per grid width, shared by every depth and trained only when a shape of that width is drawn: they would get
+    less than tuning them for one shape alone."""
     recipe = args.norm_scales_of
-    name = f"norm_scales_{recipe}"
-    entry = results["recipes"].setdefault(name, {
-        "label": f"{recipe}, then per-shape RMSNorm weights only, {NORM_STEPS} steps of KL from the base per class "
-                 "(an upper bound on per-width norm scales)",
-        "checkpoint": str(args.work / name)})
-    entry["picked"] = results["recipes"][recipe]["picked"]
-    rows = entry.setdefault("shapes", {})
     settings = distillation_settings(args)
     source = AmoebaForCausalLM.from_pretrained(args.work / RECIPES[recipe][-1].name)
     teacher = frozen_base(args)
     dataset = build_dataset(settings.data, tokenizer, settings)
-    for label, (depth, width) in entry["picked"].items():
-        key = shape_key(depth, width)
-        folder = args.work / name / key
-        row = rows.setdefault(key, {**parameter_entry(source, depth, width), "class": label})
-        if "wikitext2_ppl" in row:
-            continue
-        start, cpu_start = time.perf_counter(), time.process_time()
-        if not (folder / "model" / "config.json").is_file():
-            student = source.export_subnet(depth, width)
-            for parameter_name, parameter in student.named_parameters():
-                parameter.requires_grad_(parameter_name.endswith("norm.weight"))
-            row["trained_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
-            trainer = subnet_distiller(student, teacher, dataset, tokenizer, settings, NORM_STEPS,
-                                       folder / "checkpoints")
-            trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder / "checkpoints"))
-            student.save_pretrained(folder / "model")
-            row["train_minutes"] = (time.perf_counter() - start) / 60
-            row["train_cpu_minutes"] = (time.process_time() - cpu_start) / 60
-            save()
-        score_subnet(folder, label, row, args, tokenizer)
-        save()
-    entry["minutes"] = sum(row.get("train_minutes", 0.0) for row in rows.values())
-    entry["cpu_minutes"] = sum(row.get("train_cpu_minutes", 0.0) for row in rows.values())
+
+    def train(depth: int, width: float, folder: Path, row: dict, cpu_start: float) -> None:
+        student = source.export_subnet(depth, width)
+        for parameter_name, parameter in student.named_parameters():
+            parameter.requires_grad_(parameter_name.endswith("norm.weight"))
+        row["trained_parameters"] = sum(p.numel() for p in student.parameters() if p.requires_grad)
+        trainer = subnet_distiller(student, teacher, dataset, tokenizer, settings, NORM_STEPS, folder / "checkpoints")
+        trainer.train(resume_from_checkpoint=last_complete_checkpoint(folder / "checkpoints"))
+        student.save_pretrained(folder / "model")
+
+    label = (f"{recipe}, then per-shape RMSNorm weights only, {NORM_STEPS} steps of KL from the base per class (an "
+             "upper bound on per-width norm scales)")
+    distil_subnets(args, results, save, tokenizer, f"norm_scales_{recipe}", label, recipe, source, train)
     save()
 
 
