@@ -31,7 +31,7 @@ from .data import (
     load_instructions,
     text_dataset,
 )
-from .trainer import SHAPE_SAMPLINGS, TEACHERS, AmoebaTrainer, AmoebaTrainingArguments
+from .trainer import SHAPE_SAMPLINGS, TEACHERS, AmoebaTrainer, AmoebaTrainingArguments, check_student_order
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
 # TrainingArguments that change how training runs, not what it learns: left out of the resume fingerprint.
@@ -210,11 +210,7 @@ class FinetuneSettings:
         for width in self.widths or ():
             if not 0.0 < width <= 1.0:
                 raise ValueError(f"width {width} is outside (0, 1]")
-        if self.shape_sampling not in SHAPE_SAMPLINGS:
-            raise ValueError(f"shape_sampling must be one of {SHAPE_SAMPLINGS}, got {self.shape_sampling!r}")
-        if (self.teacher_assistant or self.shape_sampling == "loss") and not self.distillation:
-            raise ValueError("teacher_assistant (--teacher-assistant) and shape_sampling 'loss' (--shape-sampling) "
-                             "are defined by the students' divergence from a teacher; they need distillation on")
+        check_student_order(self.shape_sampling, self.teacher_assistant, self.distillation)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.template not in TEMPLATES:

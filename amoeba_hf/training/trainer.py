@@ -25,6 +25,16 @@ SCORE_MEMORY = 0.7
 SCORES_STATE_KEY = "AmoebaTrainer.shape_scores"  # its entry in trainer_state.json's stateful_callbacks
 
 
+def check_student_order(shape_sampling: str, teacher_assistant: bool, distillation: bool) -> None:
+    """Refuses an unknown shape sampling, and the two levers defined by a teacher without distillation (shared by
+    `AmoebaTrainingArguments` and `FinetuneSettings`, which checks before any folder is written)."""
+    if shape_sampling not in SHAPE_SAMPLINGS:
+        raise ValueError(f"shape_sampling (--shape-sampling) must be one of {SHAPE_SAMPLINGS}, got {shape_sampling!r}")
+    if (teacher_assistant or shape_sampling == "loss") and not distillation:
+        raise ValueError("teacher_assistant (--teacher-assistant) and shape_sampling 'loss' (--shape-sampling) are "
+                         "defined by the students' divergence from a teacher; they need distillation on")
+
+
 @dataclass
 class AmoebaTrainingArguments(TrainingArguments):
     """`TrainingArguments` plus the one-for-all recipe (`FinetuneSettings.training_arguments` builds it for
@@ -74,11 +84,7 @@ class AmoebaTrainingArguments(TrainingArguments):
             raise ValueError("distill_teacher='base' needs distillation=True")
         if self.random_shapes < 0:
             raise ValueError(f"random_shapes must be >= 0, got {self.random_shapes}")
-        if self.shape_sampling not in SHAPE_SAMPLINGS:
-            raise ValueError(f"shape_sampling must be one of {SHAPE_SAMPLINGS}, got {self.shape_sampling!r}")
-        if (self.teacher_assistant or self.shape_sampling == "loss") and not self.distillation:
-            raise ValueError("teacher_assistant and shape_sampling='loss' need distillation=True: both are defined by "
-                             "the students' divergence from a teacher")
+        check_student_order(self.shape_sampling, self.teacher_assistant, self.distillation)
         if not 0.0 <= self.distill_ce_weight <= 1.0:
             raise ValueError(f"distill_ce_weight must be in [0, 1], got {self.distill_ce_weight}")
         if self.ddp_find_unused_parameters is None:
