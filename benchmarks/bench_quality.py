@@ -129,6 +129,13 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                                                   "200")),
     "hardest_shapes_200": (CALIBRATE_BI, train("hardest_shapes_200", "cal_bi", *STANDARD_STAGE_2, "--steps", "200",
                                                "--shape-sampling", "loss")),
+    # a later --lr overrides STANDARD_STAGE_2's 1e-3 (argparse keeps the last)
+    "learning_rate_3e-3_200": (CALIBRATE_BI, train("learning_rate_3e-3_200", "cal_bi", *STANDARD_STAGE_2, "--steps",
+                                                   "200", "--lr", "3e-3")),
+    "learning_rate_5e-4_200": (CALIBRATE_BI, train("learning_rate_5e-4_200", "cal_bi", *STANDARD_STAGE_2, "--steps",
+                                                   "200", "--lr", "5e-4")),
+    "learning_rate_3e-3_700": (CALIBRATE_BI, train("learning_rate_3e-3_700", "cal_bi", *STANDARD_STAGE_2, "--steps",
+                                                   "700", "--lr", "3e-3")),
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
@@ -155,6 +162,10 @@ LABELS = {
     "calibration_64_200": "stage_2_200 calibrated on 64 x 256 C4 tokens instead of 16 x 256",
     "hardest_shapes_200": "stage_2_200 with the random shapes drawn in proportion to their running KL from the "
                           "teacher (--shape-sampling loss)",
+    "learning_rate_3e-3_200": "stage_2_200 with a peak learning rate of 3e-3 instead of 1e-3",
+    "learning_rate_5e-4_200": "stage_2_200 with a peak learning rate of 5e-4 instead of 1e-3",
+    "learning_rate_3e-3_700": "the standard preset's Stage 2 (700 steps) with a peak learning rate of 3e-3 "
+                              "instead of 1e-3",
 }
 
 
