@@ -14,6 +14,7 @@ from amoeba_hf.modeling.shape_space import full_layer_sizes
 from amoeba_hf.pipeline.plan import PlanSettings, layer_activation_bytes, plan
 from amoeba_hf.selection.calibrate import CalibrationSettings, calibrate
 from amoeba_hf.training.finetune import FinetuneSettings
+from amoeba_hf.training.trainer import AmoebaTrainer, AmoebaTrainingArguments
 
 LLAMA2_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
                  intermediate_size=11008, vocab_size=32000, tie_word_embeddings=False)
@@ -44,6 +45,23 @@ def test_parameter_counts_equal_the_real_model(family, train_base):
     train = next(stage for stage in result["stages"] if stage["stage"] == "train")
     assert train["memory"]["weights"] == 2 * params["base"]  # bfloat16 by default
     assert train["memory"]["experts"] == 4 * (params["experts"] + params["router"])
+
+
+def test_full_weight_training_from_the_base_counts_the_real_teacher_copy(tmp_path):
+    """With the base teacher and trained base weights, the trainer holds a frozen copy of the model: the plan's
+    extra weights are that copy's real bytes, and the full shape's training joins the teacher's forward."""
+    source = tiny_source("llama")
+    model = trained_like_finetune(source, train_base=True, dtype=torch.bfloat16)
+    model.config.smol_exact_full_shape = True
+    args = AmoebaTrainingArguments(output_dir=str(tmp_path), distill_teacher="base", report_to=[], use_cpu=True)
+    copy_bytes = sum(p.numel() * p.element_size() for p in AmoebaTrainer(model=model, args=args)._frozen_base
+                     .parameters())
+    train = {teacher: next(stage for stage in plan(source.config, teacher=teacher, train_base=True)["stages"]
+                           if stage["stage"] == "train") for teacher in ("base", "largest")}
+    assert train["base"]["memory"]["weights"] - train["largest"]["memory"]["weights"] == copy_bytes
+    frozen = next(stage for stage in plan(source.config, teacher="base")["stages"] if stage["stage"] == "train")
+    assert frozen["memory"]["weights"] == train["largest"]["memory"]["weights"]
+    assert train["base"]["flops"] > train["largest"]["flops"] > frozen["flops"]
 
 
 def test_any_shape_checkpoint_config_keeps_its_experts():

@@ -163,24 +163,28 @@ def noiseless_model(exact_full_shape: bool = False) -> AmoebaForCausalLM:
 @pytest.mark.parametrize(
     "recipe",
     [{}, {"loss_balancing": False}, {"distillation": False}, {"distill_loss": "kl", "loss_balancing": False},
-     {"distill_teacher": "base"}, {"teacher_assistant": True}, {"distill_teacher": "base", "teacher_assistant": True}],
+     {"distill_teacher": "base"}, {"teacher_assistant": True}, {"distill_teacher": "base", "teacher_assistant": True},
+     {"distill_teacher": "base", "train_base": True}],
     ids=["distill+balance", "no-balancing", "ce-only", "kl-no-balancing", "base-teacher", "teacher-assistant",
-         "base-teacher-assistant"],
+         "base-teacher-assistant", "base-teacher-full-weights"],
 )
 def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, recipe):
-    """The base teacher's reference is the plain Llama the model was converted from, before any experts. With a
-    teacher assistant, the sandwich runs largest to smallest, and distilling from the teacher instead must show."""
+    """The base teacher's reference is the plain Llama the model was converted from, before any experts; with the
+    base weights trained too, the full shape is a student of it. With a teacher assistant, the sandwich runs
+    largest to smallest, and distilling from the teacher instead must show."""
+    recipe = dict(recipe)
+    train_base = recipe.pop("train_base", False)
     base_teacher, assistant = recipe.get("distill_teacher") == "base", recipe.get("teacher_assistant", False)
-    model = noiseless_model(exact_full_shape=base_teacher)
+    model = noiseless_model(exact_full_shape=base_teacher).set_trainable(train_base)
     initial = copy.deepcopy(model)
     gradients, _, shapes, _ = train_one_step(model, tmp_path, random_shapes=2, **recipe)
     if assistant:
         sizes = [[model.shape_space.parameter_count(*shape) for shape in s] for s in shapes]
         assert all(s[-1] == (3, 0.5) for s in shapes) and all(z == sorted(z, reverse=True) for z in sizes), shapes
-    if base_teacher:
+    if base_teacher and not train_base:
         assert all((3, 0.5) in s and (6, 1.0) not in s and len(s) == 3 for s in shapes), shapes
     else:
-        assert all(s[0] == (6, 1.0) and (3, 0.5) in s for s in shapes)
+        assert all(s[0] == (6, 1.0) and (3, 0.5) in s and len(s) == 4 for s in shapes)
     if not assistant:
         assert all(s[-3] == (3, 0.5) for s in shapes)
     options = {"distillation": recipe.get("distillation", True), "balancing": recipe.get("loss_balancing", True),
@@ -189,6 +193,7 @@ def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, reci
         options["base_teacher"] = tiny_source("llama").eval()
     exact = reference_gradients(initial, shapes, exact=True, **options)
     assert any("shape_router" in n for n in exact) and any("lora_A" in n for n in exact)
+    assert any("mlp.down_proj.weight" in n for n in exact) == train_base
     scale = max(g.abs().max().item() for g in exact.values())
     assert largest_difference(gradients, exact) <= 1e-5 * scale
     if assistant:
@@ -274,11 +279,13 @@ def run_worker(*args: str, timeout: int = 300) -> None:
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("engine, port", [("ddp", "29531"), ("fsdp", "29532"), ("ddp-loss", "29533")])
+@pytest.mark.parametrize("engine, port", [("ddp", "29531"), ("fsdp", "29532"), ("ddp-loss", "29533"),
+                                          ("ddp-full-weights", "29534"), ("fsdp-full-weights", "29535")])
 def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, engine, port):
     """Same global batch (4 x 2 accumulation, sequential order), 3 SGD steps with clipping and router noise, with
-    DDP, with FSDP2 (every decoder layer sharded over the 2 processes) and with DDP drawing shapes by their loss
-    (the processes must keep the same scores).
+    DDP, with FSDP2 (every decoder layer sharded over the 2 processes), with DDP drawing shapes by their loss
+    (the processes must keep the same scores), and training every weight from the base teacher (each process's
+    frozen copy of the model, unsharded, must stay the teacher).
 
     Holds only if balancing uses the losses of the whole micro-batch (summed over processes), if parameters used
     by an earlier shape of the sandwich, under `no_sync`, but not by the last one, are still reduced, and (FSDP) if
@@ -286,17 +293,19 @@ def test_two_processes_end_with_the_parameters_of_one_process(tmp_path, engine, 
     """
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
     run_worker(*torchrun, "training_worker.py", engine, str(tmp_path / "ddp.pt"))
-    run_ddp(str(tmp_path / "single.pt"), "ddp-loss" if engine == "ddp-loss" else "ddp")
+    run_ddp(str(tmp_path / "single.pt"), engine.replace("fsdp", "ddp"))  # one process: FSDP is plain training
     rank0, rank1 = torch.load(tmp_path / "ddp.rank0.pt"), torch.load(tmp_path / "ddp.rank1.pt")
     single = torch.load(tmp_path / "single.rank0.pt")
 
     assert rank0["shapes"] == rank1["shapes"] == single["shapes"] and len(single["shapes"]) == 2 * DDP_STEPS
-    space = smol_model().shape_space
+    full_weights = engine.endswith("full-weights")
+    space = smol_model(full_weights).shape_space
     last_shape_layers = [set(space.layer_widths(*sandwich[-1])) for sandwich in single["shapes"]]
     assert any(len(layers) < space.num_layers for layers in last_shape_layers)
 
     assert largest_difference(rank0["weights"], rank1["weights"]) == 0.0
-    initial = {n: p.detach() for n, p in smol_model().named_parameters() if p.requires_grad}
+    initial = {n: p.detach() for n, p in smol_model(full_weights).named_parameters() if p.requires_grad}
+    assert any("mlp.down_proj.weight" in n for n in initial) == full_weights
     assert largest_difference(single["weights"], initial) > 1e-2
     assert largest_difference(rank0["weights"], single["weights"]) <= 1e-6
 
@@ -312,15 +321,16 @@ def write_instructions(path: Path, count: int = 24) -> Path:
     return path
 
 
-@pytest.mark.parametrize("shape_sampling", ["uniform", "loss"])
-def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, shape_sampling):
-    """With loss-directed sampling the shapes drawn after the resume depend on the scores of the steps before it."""
+@pytest.mark.parametrize("recipe", ["uniform", "loss", "full-weights"])
+def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path, recipe):
+    """With loss-directed sampling the shapes drawn after the resume depend on the scores of the steps before it;
+    with full-weight training the resumed run's teacher must be the source model, not the checkpoint's weights."""
     data = write_instructions(tmp_path / "data.json")
-    run_finetune(str(tmp_path / "straight"), str(data), str(tmp_path / "straight.pt"), shape_sampling, pause_step=None)
+    run_finetune(str(tmp_path / "straight"), str(data), str(tmp_path / "straight.pt"), recipe, pause_step=None)
 
     work = tmp_path / "killed"
     worker = [sys.executable, "training_worker.py", "finetune", str(work), str(data), str(tmp_path / "killed.pt"),
-              shape_sampling]
+              recipe]
     process = subprocess.Popen(
         [*worker, "3"],
         cwd=TESTS, env=WORKER_ENV, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
@@ -343,6 +353,8 @@ def test_killed_finetune_resumes_to_the_weights_of_an_uninterrupted_run(tmp_path
     assert straight.keys() == resumed.keys()
     changed = [n for n in straight if "lora_B" in n and straight[n].abs().sum() > 0]
     assert changed
+    source = tiny_source("llama").state_dict()
+    assert any(not torch.equal(straight[n], source[n]) for n in source) == (recipe == "full-weights")
     assert all(torch.equal(straight[n], resumed[n]) for n in straight)
 
 
@@ -479,13 +491,42 @@ def test_training_a_trained_checkpoint_again_keeps_the_base_frozen(tmp_path, tin
     assert any(not torch.equal(first[name], second[name]) for name in first if "lora_" in name)
 
 
-def test_base_teacher_refuses_experts_on_the_full_shape_and_a_trainable_base(tmp_path):
+def test_base_teacher_refuses_experts_on_the_full_shape(tmp_path):
     model = smol_model()
     assert not model.config.smol_exact_full_shape
     with pytest.raises(ValueError, match=r"needs a model whose full shape is the base.*exact_full_shape=True"):
         train_one_step(model, tmp_path, distill_teacher="base")
+
+
+def test_full_weight_training_distils_from_the_base_as_it_was_given(tmp_path):
+    """With the base weights trained, the teacher of every later step is still the source Llama: the same batch
+    (the second epoch repeats the first) gets the same teacher loss, while the trained full shape has moved."""
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3).enable_smol(
         experts=3, rank=4, exact_full_shape=True, train_base=True
     )
-    with pytest.raises(ValueError, match=r"needs frozen base weights .* are trainable"):
-        train_one_step(model, tmp_path, distill_teacher="base")
+    tokenizer = tiny_tokenizer()
+    args = AmoebaTrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        train_sampling_strategy="sequential", save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=True,
+        use_cpu=True, distill_teacher="base",
+    )
+    trainer = AmoebaTrainer(
+        model=model, args=args, processing_class=tokenizer,
+        train_dataset=Dataset.from_list([{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in ROWS]),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+    )
+    trainer.train()
+    source = tiny_source("llama").eval()
+    batches = micro_batches()
+    with torch.no_grad():
+        expected = []
+        for batch in batches:
+            targets = batch["labels"][:, 1:]
+            logits = source(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            token_losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+            expected.append(float(token_losses.sum() / targets.ne(-100).sum()))
+        model.eval()
+        drift = (model(batches[0]["input_ids"]).logits - source(batches[0]["input_ids"]).logits).abs().max()
+    logs = [entry for entry in trainer.state.log_history if "loss_base" in entry]
+    assert [entry["loss_base"] for entry in logs] == pytest.approx(expected * 2, abs=1e-4)  # logs keep 4 decimals
+    assert all("loss_largest" in entry for entry in logs) and drift > 1e-2

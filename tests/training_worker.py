@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 2 training_worker.py ddp RESULT.pt      (or plain python for the 1-process run)
     torchrun --nproc_per_node 2 training_worker.py fsdp RESULT.pt     (FSDP2, full shard, through the Trainer)
     torchrun --nproc_per_node 2 training_worker.py ddp-loss RESULT.pt (DDP, loss-directed shape sampling)
-    python training_worker.py finetune WORK_DIR DATA.json RESULT.pt SHAPE_SAMPLING [PAUSE_STEP]
+    torchrun --nproc_per_node 2 training_worker.py ddp-full-weights RESULT.pt (or fsdp-: every weight trains)
+    python training_worker.py finetune WORK_DIR DATA.json RESULT.pt RECIPE [PAUSE_STEP]
 
 Both run on one thread per process (several processes share the CPU) and save their final weights to RESULT.pt.
 """
@@ -46,9 +47,10 @@ def ddp_rows() -> list[dict[str, list[int]]]:
     return rows
 
 
-def smol_model() -> AmoebaForCausalLM:
+def smol_model(full_weights: bool = False) -> AmoebaForCausalLM:
     """Tiny any-shape model with SMoL experts whose B matrices are non-zero, so every LoRA parameter learns at once,
-    and bias compensation (input means in place of calibration), which FSDP must compute on whole weights."""
+    and bias compensation (input means in place of calibration), which FSDP must compute on whole weights.
+    `full_weights`: every weight trains, and the full shape stays expert-free (for the base teacher)."""
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
     generator = torch.Generator().manual_seed(1)
     layers = model.model.layers
@@ -56,7 +58,7 @@ def smol_model() -> AmoebaForCausalLM:
               torch.randn(layer.mlp.down_proj.in_features, generator=generator)) for layer in layers]
     model.model.permute_widths([torch.arange(layer.self_attn.k_proj.out_features // 16) for layer in layers],
                                [torch.arange(layer.mlp.down_proj.in_features) for layer in layers], input_means=means)
-    model.enable_smol(experts=3, top_k=2, rank=4)
+    model.enable_smol(experts=3, top_k=2, rank=4, exact_full_shape=full_weights, train_base=full_weights)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
@@ -67,9 +69,11 @@ def smol_model() -> AmoebaForCausalLM:
 def run_ddp(result_path: str, engine: str = "ddp") -> None:
     """3 SGD steps, global batch 4 x 2 accumulation, whatever the process count; saves weights and the shapes used.
     `engine="fsdp"` shards every decoder layer with FSDP2 (weights gathered back for the comparison); "ddp-loss" is
-    DDP with loss-directed shape sampling."""
+    DDP with loss-directed shape sampling; "ddp-full-weights" and "fsdp-full-weights" train every weight, distilled
+    from the base."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    model = smol_model()
+    full_weights = engine.endswith("full-weights")
+    model = smol_model(full_weights)
     tokenizer = tiny_tokenizer()
     args = AmoebaTrainingArguments(
         output_dir=os.path.join(os.path.dirname(result_path), f"ddp-out-{world_size}"),
@@ -88,7 +92,8 @@ def run_ddp(result_path: str, engine: str = "ddp") -> None:
         ddp_backend="gloo" if world_size > 1 else None,
         use_cpu=True,
         shape_sampling="loss" if engine == "ddp-loss" else "uniform",
-        **FSDP_ARGUMENTS if engine == "fsdp" else {},
+        distill_teacher="base" if full_weights else "largest",
+        **FSDP_ARGUMENTS if engine.startswith("fsdp") else {},
     )
     trainer = AmoebaTrainer(
         model=model, args=args, train_dataset=Dataset.from_list(ddp_rows()), processing_class=tokenizer,
@@ -121,11 +126,18 @@ class PauseAtStep(TrainerCallback):
             time.sleep(600)
 
 
-def run_finetune(work_dir: str, data: str, result_path: str, shape_sampling: str, pause_step: int | None) -> None:
+FINETUNE_RECIPES = {  # what the resume test varies
+    "uniform": {},
+    "loss": {"shape_sampling": "loss"},
+    "full-weights": {"distill_teacher": "base", "train_base": True, "learning_rate": 1e-3},
+}
+
+
+def run_finetune(work_dir: str, data: str, result_path: str, recipe: str, pause_step: int | None) -> None:
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
     settings = FinetuneSettings(
         data=[data], steps=5, batch_size=2, grad_accum=2, experts=3, top_k=2, rank=4, save_steps=2, seed=0,
-        shape_sampling=shape_sampling,
+        **FINETUNE_RECIPES[recipe],
     )
     callbacks = [PauseAtStep(pause_step)] if pause_step is not None else None
     finetune(model, tiny_tokenizer(), settings, work_dir, callbacks=callbacks, disable_tqdm=True, use_cpu=True)
@@ -134,7 +146,7 @@ def run_finetune(work_dir: str, data: str, result_path: str, shape_sampling: str
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    if sys.argv[1] in ("ddp", "fsdp", "ddp-loss"):
+    if sys.argv[1] in ("ddp", "fsdp", "ddp-loss", "ddp-full-weights", "fsdp-full-weights"):
         run_ddp(sys.argv[2], sys.argv[1])
     else:
         run_finetune(*sys.argv[2:6], int(sys.argv[6]) if len(sys.argv) > 6 else None)

@@ -327,8 +327,10 @@ def plan(config_or_path: str | os.PathLike | PreTrainedConfig, **settings) -> di
     - FLOPs: 2 per weight and token forward, plus attention's 4 x span x query dim per token and layer; backward is
       1x forward for input gradients through every matmul plus 1x for the weight gradients of what trains (so ~2x
       forward with a frozen base, 3x with `train_base`), attention 2x; checkpointing recomputes the layers' forward.
-      A training micro-batch runs the sandwich (largest unless `teacher="base"`, smallest, `random_shapes` random
-      ones costed at the mean over the shape grid), plus a no-grad full forward with `teacher="base"`; per device.
+      A training micro-batch runs the sandwich (largest unless `teacher="base"` with a frozen base, smallest,
+      `random_shapes` random ones costed at the mean over the shape grid), plus a no-grad full forward with
+      `teacher="base"`; per device. With `teacher="base"` and `train_base`, the teacher is a frozen copy of the
+      model (base weights in `dtype`, experts in fp32, never sharded), counted in the weights.
     - Time: FLOPs / `tflops` (a measured throughput, so efficiency is in it); convert reads and writes only.
     """
     settings = PlanSettings(**settings)
@@ -418,13 +420,16 @@ def _train_stage(model: AmoebaForCausalLM, params: dict[str, int], space: ShapeS
         layer = model.model.layers[0].named_parameters()
         layer_bytes = sum(p.numel() * (FP32 if "lora_" in n else d) for n, p in layer)
         gather = params["embeddings"] * d + hidden * d + params["router"] * FP32 + 2 * layer_bytes
-    memory = _memory(weights=params["base"] * d / shard, experts=experts * FP32 / shard,
+    full_trains = settings.teacher == "largest" or settings.train_base
+    # Full-weight training from the base teacher keeps a frozen, unsharded copy of the model as the teacher.
+    teacher_copy = params["base"] * d + experts * FP32 if settings.teacher == "base" and settings.train_base else 0
+    memory = _memory(weights=params["base"] * d / shard + teacher_copy, experts=experts * FP32 / shard,
                      optimizer=2 * (experts * FP32 + trained_base * d) / shard, gradients=gradients / shard,
                      activations=activations, fsdp_gather=gather)
 
     full = space.full_shape
-    sandwich = ([full] if settings.teacher == "largest" else []) + [(min(space.depths), space.min_width)]
-    random_pool = [shape for shape in space.grid() if settings.teacher == "largest" or shape != full]
+    sandwich = ([full] if full_trains else []) + [(min(space.depths), space.min_width)]
+    random_pool = [shape for shape in space.grid() if full_trains or shape != full]
     if settings.random_shapes and not random_pool:
         raise ValueError("teacher 'base' trains every shape but the full one, and the shape space has no other")
 

@@ -155,7 +155,8 @@ class FinetuneSettings:
         default="largest",
         metadata={
             "help": "distillation teacher: the largest shape, trained on labels (paper), or the frozen base model, "
-            "which then stays the full shape exactly (for data the base model generated itself)",
+            "which then stays the full shape exactly (with --train-base: a frozen copy, and the full shape trains "
+            "towards it)",
             "choices": TEACHERS, "flag": "--teacher",
         },
     )
@@ -217,10 +218,10 @@ class FinetuneSettings:
             raise ValueError(f"unknown prompt template {self.template!r}; choose from {TEMPLATES}")
         if self.distill_teacher not in TEACHERS:
             raise ValueError(f"distill_teacher must be one of {TEACHERS}, got {self.distill_teacher!r}")
-        if self.distill_teacher == "base" and (not self.distillation or self.train_base):
+        if self.distill_teacher == "base" and not self.distillation:
             raise ValueError(
                 "distill_teacher 'base' (--teacher base) distils from the frozen base model; it cannot be combined "
-                "with distillation off (--no-distillation) or train_base (--train-base)"
+                "with distillation off (--no-distillation)"
             )
 
     def training_arguments(self, output_dir: str | os.PathLike, **overrides) -> AmoebaTrainingArguments:

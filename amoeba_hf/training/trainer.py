@@ -1,6 +1,7 @@
 """One-for-all fine-tuning (AmoebaLLM §5): sandwich sampling, in-place distillation, loss-magnitude balancing."""
 
 import contextlib
+import copy
 import os
 import random
 from dataclasses import dataclass, field
@@ -48,7 +49,9 @@ class AmoebaTrainingArguments(TrainingArguments):
     expert-free (`enable_smol(exact_full_shape=True)`), so the full shape *is* the base, the teacher, and leaves the
     sandwich; balancing rescales to the base's cross-entropy on the labels. Use it when the data was sampled from the
     base model itself: there the base is already the best full shape (cross-entropy on a model's own samples has an
-    expected gradient of zero), and training the full shape could only make it drift.
+    expected gradient of zero), and training the full shape could only make it drift. If the base weights train as
+    well (full-weight one-for-all training), the trainer keeps a frozen copy of the model as it was given (its
+    weights once more in memory, never saved) as the teacher, and the full shape joins the sandwich as a student.
     """
 
     random_shapes: int = field(default=2, metadata={"help": "random shapes per micro-batch besides largest/smallest"})
@@ -89,6 +92,12 @@ class AmoebaTrainingArguments(TrainingArguments):
             raise ValueError(f"distill_ce_weight must be in [0, 1], got {self.distill_ce_weight}")
         if self.ddp_find_unused_parameters is None:
             self.ddp_find_unused_parameters = True
+
+
+def trains_base_weights(model: torch.nn.Module) -> bool:
+    """Whether any weight of the base model trains (not only the experts, the router and calibration's recovery)."""
+    return any(p.requires_grad and "lora_" not in n and "shape_router" not in n and not is_recovery_parameter(n)
+               for n, p in model.named_parameters())
 
 
 def prediction_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -137,8 +146,12 @@ class AmoebaTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self._frozen_base: torch.nn.Module | None = None
         if self.args.distill_teacher == "base":
-            self._check_base_teacher(self.accelerator.unwrap_model(self.model))
+            model = self.accelerator.unwrap_model(self.model)
+            self._check_base_teacher(model)
+            if trains_base_weights(model):
+                self._frozen_base = copy.deepcopy(model).requires_grad_(False).eval()
         self._shape_losses: dict[str, list[float]] = {}
         self._micro_step = (-1, 0)
         self._shape_scores: dict[str, float] = {}
@@ -152,14 +165,15 @@ class AmoebaTrainer(Trainer):
         space = model.shape_space
         full = space.full_shape
         shapes = [("largest", full), ("smallest", (min(space.depths), space.min_width))]
-        if self.args.distill_teacher == "base":
+        full_is_teacher = self.args.distill_teacher == "base" and self._frozen_base is None
+        if full_is_teacher:
             shapes = shapes[1:]
         draw = self._random_shape if self.args.shape_sampling == "uniform" else self._loss_directed_shape
         self._sampled_bins = {}
         for index in range(self.args.random_shapes):
             role = f"random{index}"
             shape, score_key = draw(rng, space)
-            while self.args.distill_teacher == "base" and shape == full:
+            while full_is_teacher and shape == full:
                 shape, score_key = draw(rng, space)
             if score_key is not None:
                 self._sampled_bins[role] = score_key
@@ -204,22 +218,16 @@ class AmoebaTrainer(Trainer):
         self._shape_scores[key] = value if previous is None else SCORE_MEMORY * previous + (1 - SCORE_MEMORY) * value
 
     def _check_base_teacher(self, model) -> None:
-        """The base teacher needs an expert-free full shape, frozen base weights and another shape to train."""
+        """The base teacher needs an expert-free full shape and, while the base weights are frozen (the full shape is
+        then the teacher, not a student), another shape to train."""
         if not model.config.smol_exact_full_shape:
             raise ValueError(
                 "distill_teacher='base' needs a model whose full shape is the base: enable SMoL with "
                 "enable_smol(exact_full_shape=True); this model's full shape uses its experts"
             )
-        trained_base = [n for n, p in model.named_parameters()
-                        if p.requires_grad and "lora_" not in n and "shape_router" not in n
-                        and not is_recovery_parameter(n)]
-        if trained_base:
-            raise ValueError(
-                f"distill_teacher='base' needs frozen base weights (the teacher), but {trained_base[0]} and "
-                f"{len(trained_base) - 1} more are trainable; train only the experts, the router and the closed-form "
-                "recovery (depth bridges, width corrections: unused by the full shape)"
-            )
         space, widths = model.shape_space, self.args.shape_widths
+        if trains_base_weights(model):
+            return
         if len(space.depths) == 1 and (set(widths) == {1.0} if widths else space.min_width == 1.0):
             raise ValueError(
                 "distill_teacher='base' trains every shape but the full one, and this shape space holds only the full "
@@ -281,8 +289,9 @@ class AmoebaTrainer(Trainer):
         teacher, teacher_magnitude, total = None, None, 0.0
         if self.args.distill_teacher == "base":
             amoeba.set_shape(*amoeba.shape_space.full_shape)
+            base = model if self._frozen_base is None else self._frozen_base.to(labels.device)
             with torch.no_grad(), self.compute_loss_context_manager():
-                logits = model(**forward_inputs, use_cache=False, logits_to_keep=mask).logits
+                logits = base(**forward_inputs, use_cache=False, logits_to_keep=mask).logits
                 teacher = self._teacher_targets(logits)
                 base_loss = F.cross_entropy(logits.float(), targets, reduction="sum") / normaliser
                 self._shape_losses.setdefault("base", []).append(base_loss.item())
