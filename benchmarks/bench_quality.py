@@ -136,6 +136,10 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                                                    "200", "--lr", "5e-4")),
     "learning_rate_3e-3_700": (CALIBRATE_BI, train("learning_rate_3e-3_700", "cal_bi", *STANDARD_STAGE_2, "--steps",
                                                    "700", "--lr", "3e-3")),
+    "stage_2_200_seed_1": (CALIBRATE_BI, train("stage_2_200_seed_1", "cal_bi", *STANDARD_STAGE_2, "--steps", "200",
+                                               "--seed", "1")),
+    "full_weights_1e-4_200": (CALIBRATE_BI, train("full_weights_1e-4_200", "cal_bi", *STANDARD_STAGE_2, "--steps",
+                                                  "200", "--train-base", "--lr", "1e-4")),
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
@@ -166,6 +170,10 @@ LABELS = {
     "learning_rate_5e-4_200": "stage_2_200 with a peak learning rate of 5e-4 instead of 1e-3",
     "learning_rate_3e-3_700": "the standard preset's Stage 2 (700 steps) with a peak learning rate of 3e-3 "
                               "instead of 1e-3",
+    "stage_2_200_seed_1": "stage_2_200 with seed 1 instead of 0 (data order, expert initialisation, shapes): the "
+                          "seed noise of the 200-step comparisons",
+    "full_weights_1e-4_200": "stage_2_200 training every weight (--train-base: the base weights too, distilled from "
+                             "a frozen copy of the base; the full shape joins the sandwich), peak lr 1e-4",
 }
 
 
