@@ -18,6 +18,8 @@ from transformers import DataCollatorForSeq2Seq, TrainerCallback
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.cli import main
+from amoeba_hf.modeling.model_card import render_model_card
+from amoeba_hf.training.finetune import FinetuneSettings, finetune
 from amoeba_hf.training.trainer import AmoebaTrainer, AmoebaTrainingArguments, SoftCrossEntropy
 
 TESTS = Path(__file__).resolve().parent
@@ -489,6 +491,23 @@ def test_training_a_trained_checkpoint_again_keeps_the_base_frozen(tmp_path, tin
     source = tiny_source("llama").state_dict()
     assert all(torch.equal(second[name], value) for name, value in source.items())
     assert any(not torch.equal(first[name], second[name]) for name in first if "lora_" in name)
+
+
+def test_full_weight_checkpoint_says_its_full_shape_is_no_longer_the_source(tmp_path):
+    """After `--train-base`, the saved config and the model card must not claim the source model's full shape."""
+    model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3)
+    settings = FinetuneSettings(data=[str(write_instructions(tmp_path / "data.json"))], steps=2, batch_size=2,
+                                experts=3, rank=4, learning_rate=1e-2, distill_teacher="base", train_base=True)
+    finetune(model, tiny_tokenizer(), settings, tmp_path / "work", disable_tqdm=True, use_cpu=True)
+    model.save_pretrained(tmp_path / "trained")
+    loaded = AmoebaForCausalLM.from_pretrained(tmp_path / "trained").eval()
+    ids = torch.tensor([[5, 17, 33, 8, 91, 4]])
+    with torch.no_grad():
+        assert (loaded(ids).logits - tiny_source("llama").eval()(ids).logits).abs().max() > 1e-3
+    card = render_model_card(loaded)
+    assert loaded.config.smol_exact_full_shape and loaded.config.base_weights_trained
+    assert "computes exactly what the source model computes" not in card
+    assert "The full shape runs the base weights without experts, fine-tuned with every other shape" in card
 
 
 def test_base_teacher_refuses_experts_on_the_full_shape(tmp_path):

@@ -54,7 +54,8 @@ class AmoebaConfig(LlamaConfig):
     `smol_rank` on each of `smol_target_modules`, gated (top `smol_top_k`) by one router fed the shape.
     `smol_experts=1` is plain LoRA shared by all shapes. With `smol_exact_full_shape` the full shape (all layers,
     width 1.0) runs without experts, so it is exactly the base model: set when every shape was distilled from the
-    base, whose full shape cannot do better than the base itself.
+    base, whose full shape cannot do better than the base itself. `base_weights_trained` records that fine-tuning
+    changed the base weights too (`train_base`): the full shape is then the fine-tuned base, not the source model.
 
     `depth_bridges` lists the depth bridges calibration fitted, as `[i, j]` pairs: kept layer `i` followed by the
     removed span `i+1..j`. Each has a (hidden x hidden) float32 map `T`, stored as
@@ -112,6 +113,7 @@ class AmoebaConfig(LlamaConfig):
     smol_router_hidden: int = 16
     smol_router_noise: bool = True
     smol_exact_full_shape: bool = False
+    base_weights_trained: bool = False
     depth: int | None = None
     width: int | float | None = None
     weights_digest: str | None = None

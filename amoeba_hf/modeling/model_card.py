@@ -117,8 +117,11 @@ def _introduction(config) -> str:
     if not config.smol_experts:
         full_shape = "The full shape computes exactly what the source model computes."
     elif config.smol_exact_full_shape:
-        full_shape = (f"The full shape computes exactly what the source model computes; every smaller shape adds "
-                      f"its mix of {config.smol_experts} LoRA experts, fine-tuned for all shapes at once.")
+        full_shape = ("The full shape runs the base weights without experts, fine-tuned with every other shape at "
+                      "once, distilled from the source model" if config.base_weights_trained
+                      else "The full shape computes exactly what the source model computes")
+        full_shape += (f"; every smaller shape adds its mix of {config.smol_experts} LoRA experts, fine-tuned for all "
+                       "shapes at once.")
     else:
         full_shape = (f"Every shape, the full one included, adds its mix of {config.smol_experts} LoRA experts, "
                       "fine-tuned for all shapes at once.")
