@@ -59,8 +59,8 @@ PROBE_STEPS = 12  # optimizer steps of the per-shape baseline's timed probe run
 NORM_STEPS = 100  # optimizer steps of the norm-scale bound per size class
 # CPU per step of the whole per-shape run over the probe's: measured on the 80% class (5.1 / 3.8 CPU s)
 PROBE_UNDERCOUNT = 1.34
-DENSE_ROW = "no_recovery"  # its full shape is the dense model; every recipe distils from the frozen base, whose
-# full shape stays the source model bit for bit, so the dense row is scored once
+DENSE_ROW = "no_recovery"  # its full shape is the dense model; every recipe but full_weights_* distils from the
+# frozen base, whose full shape stays the source model bit for bit, so the dense row is scored once
 
 
 @dataclass(frozen=True)
@@ -140,6 +140,8 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                                                "--seed", "1")),
     "full_weights_1e-4_200": (CALIBRATE_BI, train("full_weights_1e-4_200", "cal_bi", *STANDARD_STAGE_2, "--steps",
                                                   "200", "--train-base", "--lr", "1e-4")),
+    "full_weights_3e-4_200": (CALIBRATE_BI, train("full_weights_3e-4_200", "cal_bi", *STANDARD_STAGE_2, "--steps",
+                                                  "200", "--train-base", "--lr", "3e-4")),
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
@@ -174,6 +176,7 @@ LABELS = {
                           "seed noise of the 200-step comparisons",
     "full_weights_1e-4_200": "stage_2_200 training every weight (--train-base: the base weights too, distilled from "
                              "a frozen copy of the base; the full shape joins the sandwich), peak lr 1e-4",
+    "full_weights_3e-4_200": "full_weights_1e-4_200 with a peak learning rate of 3e-4",
 }
 
 
