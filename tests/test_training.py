@@ -36,9 +36,14 @@ ROWS = [
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def labelled_rows() -> list[dict[str, list[int]]]:
+    """ROWS as training examples: prompt tokens unlabelled, response tokens labelled."""
+    return [{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in ROWS]
+
+
 def micro_batches() -> list[dict[str, torch.Tensor]]:
     collator = DataCollatorForSeq2Seq(tiny_tokenizer(), label_pad_token_id=-100, padding=True)
-    rows = [{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in ROWS]
+    rows = labelled_rows()
     return [collator(rows[0:2]), collator(rows[2:4])]
 
 
@@ -52,20 +57,24 @@ class GradientSnapshot(TrainerCallback):
         self.gradients = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+def trainer_on_rows(model: AmoebaForCausalLM, args: AmoebaTrainingArguments, **kwargs) -> AmoebaTrainer:
+    """An `AmoebaTrainer` over `labelled_rows()`, padded like `micro_batches`."""
+    tokenizer = tiny_tokenizer()
+    return AmoebaTrainer(
+        model=model, args=args, processing_class=tokenizer, train_dataset=Dataset.from_list(labelled_rows()),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True), **kwargs,
+    )
+
+
 def train_one_step(model: AmoebaForCausalLM, tmp_path: Path, **recipe):
     """One optimizer step over ROWS (2 micro-batches of 2); returns gradients, each backward's loss, the shapes."""
-    tokenizer = tiny_tokenizer()
     args = AmoebaTrainingArguments(
         output_dir=str(tmp_path / "trainer"), max_steps=1, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, max_grad_norm=0.0, train_sampling_strategy="sequential", save_strategy="no",
         report_to=[], disable_tqdm=True, use_cpu=True, **recipe,
     )
     snapshot = GradientSnapshot()
-    trainer = AmoebaTrainer(
-        model=model, args=args, processing_class=tokenizer, callbacks=[snapshot],
-        train_dataset=Dataset.from_list([{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in ROWS]),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-    )
+    trainer = trainer_on_rows(model, args, callbacks=[snapshot])
     backward_losses, shapes = [], []
     backward, sample_shapes = trainer.accelerator.backward, trainer.sample_shapes
 
@@ -195,7 +204,7 @@ def test_accumulated_gradients_equal_the_hand_computed_total_loss(tmp_path, reci
         options["base_teacher"] = tiny_source("llama").eval()
     exact = reference_gradients(initial, shapes, exact=True, **options)
     assert any("shape_router" in n for n in exact) and any("lora_A" in n for n in exact)
-    assert any("mlp.down_proj.weight" in n for n in exact) == train_base
+    assert any("mlp.down_proj.weight" in n for n in exact) == train_base == model.config.base_weights_trained
     scale = max(g.abs().max().item() for g in exact.values())
     assert largest_difference(gradients, exact) <= 1e-5 * scale
     if assistant:
@@ -523,17 +532,12 @@ def test_full_weight_training_distils_from_the_base_as_it_was_given(tmp_path):
     model = AmoebaForCausalLM.from_llama(tiny_source("llama"), min_depth=3).enable_smol(
         experts=3, rank=4, exact_full_shape=True, train_base=True
     )
-    tokenizer = tiny_tokenizer()
     args = AmoebaTrainingArguments(
         output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
         train_sampling_strategy="sequential", save_strategy="no", logging_steps=1, report_to=[], disable_tqdm=True,
         use_cpu=True, distill_teacher="base",
     )
-    trainer = AmoebaTrainer(
-        model=model, args=args, processing_class=tokenizer,
-        train_dataset=Dataset.from_list([{"input_ids": p + r, "labels": [-100] * len(p) + r} for p, r in ROWS]),
-        data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-    )
+    trainer = trainer_on_rows(model, args)
     trainer.train()
     source = tiny_source("llama").eval()
     batches = micro_batches()

@@ -348,7 +348,5 @@ def finetune(model, tokenizer: PreTrainedTokenizerBase, settings: FinetuneSettin
         data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
     )
     trainer.train(resume_from_checkpoint=last_complete_checkpoint(work_dir))
-    if settings.train_base:
-        model.config.base_weights_trained = True
     model.eval()
     return trainer

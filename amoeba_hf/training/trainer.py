@@ -157,6 +157,15 @@ class AmoebaTrainer(Trainer):
         self._shape_scores: dict[str, float] = {}
         self._sampled_bins: dict[str, str] = {}
 
+    def train(self, *args, **kwargs):
+        """Stock training; a run that trained the base weights says so in the config (`base_weights_trained`), so
+        the checkpoint and its model card no longer claim the source model's full shape."""
+        output = super().train(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model)
+        if trains_base_weights(model):
+            model.config.base_weights_trained = True
+        return output
+
     def sample_shapes(self, model) -> list[tuple[str, tuple[int, float]]]:
         """The sandwich for this micro-batch; seeded by (seed, step, micro-batch) so processes and resumes agree."""
         step, micro = self._micro_step
