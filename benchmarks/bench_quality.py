@@ -142,6 +142,8 @@ RECIPES: dict[str, tuple[Step, ...]] = {
                                                   "200", "--train-base", "--lr", "1e-4")),
     "full_weights_3e-4_200": (CALIBRATE_BI, train("full_weights_3e-4_200", "cal_bi", *STANDARD_STAGE_2, "--steps",
                                                   "200", "--train-base", "--lr", "3e-4")),
+    # LoRA experts only for the CPU minutes of full_weights_3e-4_200 (64.5 / 0.153 CPU-min per step of stage_2_200)
+    "stage_2_420": (CALIBRATE_BI, train("stage_2_420", "cal_bi", *STANDARD_STAGE_2, "--steps", "420")),
 }
 LABELS = {
     "no_recovery": "no recovery (block-influence depth, FLAP uniform widths, C4)",
@@ -177,6 +179,8 @@ LABELS = {
     "full_weights_1e-4_200": "stage_2_200 training every weight (--train-base: the base weights too, distilled from "
                              "a frozen copy of the base; the full shape joins the sandwich), peak lr 1e-4",
     "full_weights_3e-4_200": "full_weights_1e-4_200 with a peak learning rate of 3e-4",
+    "stage_2_420": "stage_2_200 with 420 steps: LoRA experts only for about the CPU minutes of "
+                   "full_weights_3e-4_200",
 }
 
 
