@@ -85,8 +85,13 @@ CALIBRATE_BRIDGES = Step("cal_bi_bridges", (*CALIBRATION, "--depth-bridges", "--
 COMPENSATION = ("--width-compensation", "--compensation-ridge", "0.01")
 CALIBRATE_COMPENSATION = Step("cal_bi_comp", (*CALIBRATION, "--no-depth-bridges", *COMPENSATION), "base")
 CALIBRATE_CLOSED_FORM = Step("cal_bi_closed_form", (*CALIBRATION, "--depth-bridges", *COMPENSATION), "base")
-CALIBRATE_STANDARD_CLOSED_FORM = Step("cal_closed_form", (*CALIBRATION, "--depth-bridges", "--width-compensation"),
-                                      "base")  # calibrate's defaults: 16 x 256 tokens (the standard preset), ridge 0.1
+# calibrate's defaults when measured: 16 x 256 tokens (the standard preset), ridge 0.1, rank 32 (the default is now 128)
+CALIBRATE_STANDARD_CLOSED_FORM = Step("cal_closed_form", (*CALIBRATION, "--depth-bridges", "--width-compensation",
+                                                          "--width-compensation-rank", "32"), "base")
+CALIBRATE_RANK_64 = Step("cal_closed_form_rank_64", (*CALIBRATE_STANDARD_CLOSED_FORM.args, "--width-compensation-rank",
+                                                     "64"), "base")
+CALIBRATE_RANK_128 = Step("cal_closed_form_rank_128", (*CALIBRATE_STANDARD_CLOSED_FORM.args,
+                                                       "--width-compensation-rank", "128"), "base")
 FINAL = Step("final", ("build", "--preset", "standard", "--data", C4, ALPACA))
 # the standard preset's Stage 2 (with --steps 700), as `amoeba train` flags
 STANDARD_STAGE_2 = ("--lr", "1e-3", "--lr-schedule", "cosine", "--max-prompt-tokens", "256",
@@ -104,6 +109,9 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "bridges": (CALIBRATE_BRIDGES,),
     "compensation": (CALIBRATE_COMPENSATION,),
     "closed_form": (CALIBRATE_CLOSED_FORM,),
+    "closed_form_rank_32": (CALIBRATE_STANDARD_CLOSED_FORM,),
+    "closed_form_rank_64": (CALIBRATE_RANK_64,),
+    "closed_form_rank_128": (CALIBRATE_RANK_128,),
     "query_heads": (CALIBRATE_QH,),
     "query_heads_global": (CALIBRATE_QH_GLOBAL,),
     "reconstruction": (CALIBRATE_BI, Step("recon", ("reconstruct", "--data", C4, "--samples", "8", "--steps", "16",
@@ -151,6 +159,9 @@ LABELS = {
     "compensation": "no recovery + width compensation (least-squares update of o_proj/down_proj's kept columns per "
                     "grid width, rank 32, ridge 1e-2, merged on export; issue 22)",
     "closed_form": "closed-form recovery, no gradient step: depth bridges + width compensation (issue 22)",
+    "closed_form_rank_32": "closed-form recovery: bridges + width compensation at ridge 0.1, corrections of rank 32",
+    "closed_form_rank_64": "closed_form_rank_32 with width corrections of rank 64",
+    "closed_form_rank_128": "closed_form_rank_32 with width corrections of rank 128 (`amoeba calibrate`'s default)",
     "query_heads": "lever 1: query heads inside KV groups (uniform widths), no recovery",
     "query_heads_global": "lever 1: query heads inside KV groups, global widths (FLAP), no recovery",
     "reconstruction": "lever 2: local reconstruction (`amoeba reconstruct`, 8 C4 blocks, 16 steps per layer)",

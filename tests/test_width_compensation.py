@@ -308,7 +308,7 @@ def test_calibrate_fits_corrections_by_default_reports_their_size_and_the_flags(
     with pytest.raises(ValueError, match="width-mode uniform"):
         CalibrationSettings(data=str(data), width_mode="global", width_compensation=True).validate()
     parser = build_parser()
-    for flags, expected in (([], (None, 32, 0.1)), (["--width-compensation"], (True, 32, 0.1)),
+    for flags, expected in (([], (None, 128, 0.1)), (["--width-compensation"], (True, 128, 0.1)),
                             (["--no-width-compensation", "--width-compensation-rank", "8", "--compensation-ridge",
                               "0.5"], (False, 8, 0.5))):
         args = parser.parse_args(["calibrate", "--data", str(data), "--out", str(tmp_path / "o"), *flags])

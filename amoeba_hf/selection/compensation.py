@@ -85,7 +85,7 @@ def low_rank(update: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tenso
 def fit_width_compensation(
     model,
     input_ids: torch.Tensor,
-    rank: int = 32,
+    rank: int = 128,
     ridge: float = 0.1,
     chunk_size: int = 4,
     show_progress: bool = True,
