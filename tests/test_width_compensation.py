@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.modeling.configuration_amoeba import AmoebaConfigError
 from amoeba_hf.modeling.modeling_amoeba import is_recovery_parameter
+from amoeba_hf.selection import compensation
 from amoeba_hf.selection.bridges import fit_depth_bridges
 from amoeba_hf.selection.compensation import compensation_parameters, fit_width_compensation
 from amoeba_hf.selection.width import apply_width_order, collect_statistics, layer_scores
@@ -110,6 +111,28 @@ def test_fit_equals_least_squares_on_the_same_activations(bias_compensation):
                     assert update.abs().max() > 1e-3  # a real update, not a no-op
                     checked += 1
     assert checked >= 8 * len(GRID)
+
+
+def test_each_layer_is_solved_before_the_next_layer_runs(monkeypatch):
+    """One layer's input sums alive at a time: all 32 layers' of an 8B model would be 57 GB of float64."""
+    _, model = compensated("llama", rank=8)
+    owners = {linear.weight.data_ptr(): index for index, layer in enumerate(model.model.layers)
+              for _, linear in layer.output_projections()}
+    events = []
+    for index, layer in enumerate(model.model.layers):
+        layer.register_forward_hook(lambda module, args, output, index=index: events.append(("run", index)))
+    solve = compensation.solve_compensation
+
+    def recorded(weight, *args):
+        events.append(("solve", owners[weight.data_ptr()]))
+        return solve(weight, *args)
+
+    monkeypatch.setattr(compensation, "solve_compensation", recorded)
+    refitted = fit_width_compensation(model, calibration_ids(), 8, 1e-2, show_progress=False)
+    assert events.count(("run", 0)) == 2  # two chunks of 4 blocks
+    merged = [event for position, event in enumerate(events) if position == 0 or events[position - 1] != event]
+    assert merged == [(kind, index) for index in range(6) for kind in ("run", "solve")]
+    assert len(refitted) == len(model.model.layers) * (2 * len(GRID) - 1)  # o_proj keeps every column at 0.875
 
 
 def test_low_rank_truncates_and_between_widths_use_the_next_wider_grid_width():

@@ -19,34 +19,28 @@ from tqdm.auto import tqdm
 from ..modeling.shape_space import compensation_key, compensation_sizes
 
 
-def collect_moments(
-    model, input_ids: torch.Tensor, chunk_size: int = 4, show_progress: bool = True
-) -> dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, int]]:
-    """Per (layer, "o_proj" / "down_proj"), the float64 sums X^T X and X over the projection's inputs at full shape,
-    and the token count."""
-    moments: dict[tuple[int, str], list] = {}
-    handles = []
+def layer_moments(
+    model, layer, hidden: list[torch.Tensor], chunks: list
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor, int]], list[torch.Tensor]]:
+    """Per "o_proj" / "down_proj" of `layer`, the float64 sums X^T X and X over the projection's inputs and the token
+    count, from running `layer` on each chunk's hidden states (`chunks`: `prepare_inputs` of each chunk); and the
+    layer's outputs, the next layer's hidden states."""
+    moments: dict[str, tuple] = {}
 
-    def accumulate(entry: tuple[int, str]):
+    def accumulate(name: str):
         def hook(module, args):
             rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            gram, total, count = moments.get(entry, (0, 0, 0))
-            moments[entry] = (gram + rows.T @ rows, total + rows.sum(0), count + rows.shape[0])
+            gram, total, count = moments.get(name, (0, 0, 0))
+            moments[name] = (gram + rows.T @ rows, total + rows.sum(0), count + rows.shape[0])
         return hook
 
-    for index, layer in enumerate(model.model.layers):
-        for name, linear in layer.output_projections():
-            handles.append(linear.register_forward_pre_hook(accumulate((index, name))))
+    handles = [linear.register_forward_pre_hook(accumulate(name)) for name, linear in layer.output_projections()]
     try:
-        with torch.no_grad(), model.shaped(*model.shape_space.full_shape):
-            model.model.route(deterministic=True)
-            chunks = range(0, input_ids.shape[0], chunk_size)
-            for start in tqdm(chunks, disable=not show_progress, desc="width compensation", unit="chunk"):
-                model(input_ids[start : start + chunk_size], use_cache=False)
+        hidden = [model.model.run_layers(states, [layer], inputs) for states, inputs in zip(hidden, chunks)]
     finally:
         for handle in handles:
             handle.remove()
-    return moments
+    return moments, hidden
 
 
 def solve_compensation(
@@ -92,24 +86,45 @@ def fit_width_compensation(
 ) -> dict[tuple[float, int, str], tuple[torch.Tensor, torch.Tensor]]:
     """Width corrections of every grid width below 1 (the config's `width_grid`), in the form
     `AmoebaForCausalLM.set_width_compensation` takes, fitted on the model's current (permuted) weights over
-    `input_ids` (blocks without padding). Centred when the model has bias compensation."""
+    `input_ids` (blocks without padding). Centred when the model has bias compensation.
+
+    Layer by layer over the blocks' hidden states, each layer's corrections solved before the next layer runs, so
+    that one layer's sums are alive at a time: at 7-8B one down_proj Gram matrix is 1.6 GB in float64, all 32
+    layers' sums 57 GB."""
     config = model.config
     if config.width_mode != "uniform":
         raise ValueError("width compensation needs width_mode='uniform' (global widths keep depth-dependent columns)")
     widths = [width for width in config.width_grid if width < 1.0]
-    moments = collect_moments(model, input_ids, chunk_size, show_progress)
+    inner = model.model
     corrections = {}
-    for index, layer in enumerate(model.model.layers):
-        for name, linear in layer.output_projections():
-            sizes = compensation_sizes(config, name, model.shape_space.full_sizes[index], widths, rank)
-            gram, total, count = moments[index, name]
-            for width in widths:
-                if compensation_key(width) not in sizes:
-                    continue
-                used_rank, kept = sizes[compensation_key(width)]
-                update = solve_compensation(linear.weight.detach(), gram, total, count, kept, ridge,
-                                            config.bias_compensation)
-                corrections[width, index, name] = low_rank(update, used_rank)
+    with torch.no_grad(), model.shaped(*model.shape_space.full_shape):
+        inner.route(deterministic=True)
+        chunks = [inner.prepare_inputs(input_ids[start : start + chunk_size])
+                  for start in range(0, input_ids.shape[0], chunk_size)]
+        hidden = [inputs.inputs_embeds for inputs in chunks]
+        layers = tqdm(inner.layers, disable=not show_progress, desc="width compensation", unit="layer")
+        for index, layer in enumerate(layers):
+            moments, hidden = layer_moments(model, layer, hidden, chunks)
+            for name, linear in layer.output_projections():
+                sizes = compensation_sizes(config, name, model.shape_space.full_sizes[index], widths, rank)
+                fitted = {width: sizes[compensation_key(width)] for width in widths if compensation_key(width) in sizes}
+                for width, correction in projection_corrections(linear, moments.pop(name), fitted, ridge,
+                                                                config.bias_compensation).items():
+                    corrections[width, index, name] = correction
+    return corrections
+
+
+def projection_corrections(
+    linear, moments: tuple[torch.Tensor, torch.Tensor, int], sizes: dict[float, tuple[int, int]], ridge: float,
+    centred: bool
+) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
+    """(A, B) of one projection per grid width of `sizes` (width -> (rank, kept columns)), from its input sums (a
+    function of its own, so that the sums are freed before the next layer runs)."""
+    gram, total, count = moments
+    corrections = {}
+    for width, (rank, kept) in sizes.items():
+        update = solve_compensation(linear.weight.detach(), gram, total, count, kept, ridge, centred)
+        corrections[width] = low_rank(update, rank)
     return corrections
 
 
@@ -118,4 +133,5 @@ def compensation_parameters(corrections: dict[tuple[float, int, str], tuple[torc
     return sum(a.numel() + b.numel() for a, b in corrections.values())
 
 
-__all__ = ["collect_moments", "compensation_parameters", "fit_width_compensation", "low_rank", "solve_compensation"]
+__all__ = ["compensation_parameters", "fit_width_compensation", "layer_moments", "low_rank", "projection_corrections",
+           "solve_compensation"]
