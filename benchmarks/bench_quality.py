@@ -92,6 +92,7 @@ CALIBRATE_RANK_64 = Step("cal_closed_form_rank_64", (*CALIBRATE_STANDARD_CLOSED_
                                                      "64"), "base")
 CALIBRATE_RANK_128 = Step("cal_closed_form_rank_128", (*CALIBRATE_STANDARD_CLOSED_FORM.args,
                                                        "--width-compensation-rank", "128"), "base")
+CALIBRATE_RANK_128_64 = Step("cal_closed_form_rank_128_64", (*CALIBRATE_RANK_128.args, "--samples", "64"), "base")
 FINAL = Step("final", ("build", "--preset", "standard", "--data", C4, ALPACA))
 # the standard preset's Stage 2 (with --steps 700), as `amoeba train` flags
 STANDARD_STAGE_2 = ("--lr", "1e-3", "--lr-schedule", "cosine", "--max-prompt-tokens", "256",
@@ -112,6 +113,7 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "closed_form_rank_32": (CALIBRATE_STANDARD_CLOSED_FORM,),
     "closed_form_rank_64": (CALIBRATE_RANK_64,),
     "closed_form_rank_128": (CALIBRATE_RANK_128,),
+    "closed_form_rank_128_64": (CALIBRATE_RANK_128_64,),
     "query_heads": (CALIBRATE_QH,),
     "query_heads_global": (CALIBRATE_QH_GLOBAL,),
     "reconstruction": (CALIBRATE_BI, Step("recon", ("reconstruct", "--data", C4, "--samples", "8", "--steps", "16",
@@ -162,6 +164,7 @@ LABELS = {
     "closed_form_rank_32": "closed-form recovery: bridges + width compensation at ridge 0.1, corrections of rank 32",
     "closed_form_rank_64": "closed_form_rank_32 with width corrections of rank 64",
     "closed_form_rank_128": "closed_form_rank_32 with width corrections of rank 128 (`amoeba calibrate`'s default)",
+    "closed_form_rank_128_64": "closed_form_rank_128 calibrated on 64 x 256 C4 tokens instead of 16 x 256",
     "query_heads": "lever 1: query heads inside KV groups (uniform widths), no recovery",
     "query_heads_global": "lever 1: query heads inside KV groups, global widths (FLAP), no recovery",
     "reconstruction": "lever 2: local reconstruction (`amoeba reconstruct`, 8 C4 blocks, 16 steps per layer)",
