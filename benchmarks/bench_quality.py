@@ -86,12 +86,10 @@ COMPENSATION = ("--width-compensation", "--compensation-ridge", "0.01")
 CALIBRATE_COMPENSATION = Step("cal_bi_comp", (*CALIBRATION, "--no-depth-bridges", *COMPENSATION), "base")
 CALIBRATE_CLOSED_FORM = Step("cal_bi_closed_form", (*CALIBRATION, "--depth-bridges", *COMPENSATION), "base")
 # calibrate's defaults when measured: 16 x 256 tokens (the standard preset), ridge 0.1, rank 32 (the default is now 128)
-CALIBRATE_STANDARD_CLOSED_FORM = Step("cal_closed_form", (*CALIBRATION, "--depth-bridges", "--width-compensation",
-                                                          "--width-compensation-rank", "32"), "base")
-CALIBRATE_RANK_64 = Step("cal_closed_form_rank_64", (*CALIBRATE_STANDARD_CLOSED_FORM.args, "--width-compensation-rank",
-                                                     "64"), "base")
-CALIBRATE_RANK_128 = Step("cal_closed_form_rank_128", (*CALIBRATE_STANDARD_CLOSED_FORM.args,
-                                                       "--width-compensation-rank", "128"), "base")
+CLOSED_FORM = (*CALIBRATION, "--depth-bridges", "--width-compensation")
+CALIBRATE_STANDARD_CLOSED_FORM = Step("cal_closed_form", (*CLOSED_FORM, "--width-compensation-rank", "32"), "base")
+CALIBRATE_RANK_64 = Step("cal_closed_form_rank_64", (*CLOSED_FORM, "--width-compensation-rank", "64"), "base")
+CALIBRATE_RANK_128 = Step("cal_closed_form_rank_128", (*CLOSED_FORM, "--width-compensation-rank", "128"), "base")
 CALIBRATE_RANK_128_64 = Step("cal_closed_form_rank_128_64", (*CALIBRATE_RANK_128.args, "--samples", "64"), "base")
 FINAL = Step("final", ("build", "--preset", "standard", "--data", C4, ALPACA))
 # the standard preset's Stage 2 (with --steps 700), as `amoeba train` flags

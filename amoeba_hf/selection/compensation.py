@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..modeling.shape_space import compensation_key, compensation_sizes
+from .depth import LayerRunner
 
 
 def layer_moments(
@@ -95,14 +96,11 @@ def fit_width_compensation(
     if config.width_mode != "uniform":
         raise ValueError("width compensation needs width_mode='uniform' (global widths keep depth-dependent columns)")
     widths = [width for width in config.width_grid if width < 1.0]
-    inner = model.model
     corrections = {}
     with torch.no_grad(), model.shaped(*model.shape_space.full_shape):
-        inner.route(deterministic=True)
-        chunks = [inner.prepare_inputs(input_ids[start : start + chunk_size])
-                  for start in range(0, input_ids.shape[0], chunk_size)]
+        chunks = LayerRunner(model, input_ids, chunk_size=chunk_size).chunks
         hidden = [inputs.inputs_embeds for inputs in chunks]
-        layers = tqdm(inner.layers, disable=not show_progress, desc="width compensation", unit="layer")
+        layers = tqdm(model.model.layers, disable=not show_progress, desc="width compensation", unit="layer")
         for index, layer in enumerate(layers):
             moments, hidden = layer_moments(model, layer, hidden, chunks)
             for name, linear in layer.output_projections():
