@@ -125,6 +125,9 @@ RECIPES: dict[str, tuple[Step, ...]] = {
     "final": (FINAL,),
     "final_closed_form": (CALIBRATE_STANDARD_CLOSED_FORM,
                           train("final_closed_form", "cal_closed_form", *STANDARD_STAGE_2, "--steps", "700")),
+    "final_closed_form_trainable": (CALIBRATE_STANDARD_CLOSED_FORM,
+                                    train("final_closed_form_trainable", "cal_closed_form", *STANDARD_STAGE_2,
+                                          "--steps", "700", "--train-recovery")),
     "closed_form_100": (CALIBRATE_STANDARD_CLOSED_FORM,
                         train("closed_form_100", "cal_closed_form", *STANDARD_STAGE_2, "--steps", "100")),
     "closed_form_100_trainable": (CALIBRATE_STANDARD_CLOSED_FORM,
@@ -173,6 +176,8 @@ LABELS = {
     "final": "final recipe: `amoeba build --preset standard` (KL from the base on C4 + Alpaca, 700 steps, cosine lr)",
     "final_closed_form": "closed-form recovery (bridges + width compensation, ridge 0.1, frozen), then the standard "
                          "preset's Stage 2 (700 steps)",
+    "final_closed_form_trainable": "final_closed_form with the bridges and corrections trained too "
+                                   "(--train-recovery)",
     "closed_form_100": "closed-form recovery, then 100 steps of the standard preset's Stage 2 (bridges and "
                        "corrections frozen)",
     "closed_form_100_trainable": "closed_form_100 with the bridges and corrections trained too (--train-recovery)",
