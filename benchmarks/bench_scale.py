@@ -156,7 +156,7 @@ def plan_estimate(source: Path, layers: int, args: argparse.Namespace) -> dict[s
 
     estimate = plan(source, dtype="bfloat16", batch_size=2, seq_len=args.seq_len, grad_accum=1, experts=2, top_k=2,
                     rank=4, random_shapes=1, steps=args.steps, min_depth=layers - 1, samples=2,
-                    eval_tokens=4 * args.seq_len)
+                    widths=[1.0, 0.75, 0.5], eval_tokens=4 * args.seq_len)
     stages = {}
     for stage in estimate["stages"]:
         name = "eval" if stage["stage"] == "evaluate" else stage["stage"]

@@ -10,8 +10,9 @@ from transformers import GPT2Config, LlamaConfig
 
 from amoeba_hf import AmoebaForCausalLM
 from amoeba_hf.cli import build_parser, main, settings_from_args
+from amoeba_hf.modeling.modeling_amoeba import is_recovery_parameter
 from amoeba_hf.modeling.shape_space import full_layer_sizes
-from amoeba_hf.pipeline.plan import PlanSettings, layer_activation_bytes, plan
+from amoeba_hf.pipeline.plan import PlanSettings, corrected_weight_bytes, layer_activation_bytes, plan
 from amoeba_hf.selection.calibrate import CalibrationSettings, calibrate
 from amoeba_hf.training.finetune import FinetuneSettings
 from amoeba_hf.training.trainer import AmoebaTrainer, AmoebaTrainingArguments
@@ -22,10 +23,14 @@ LLAMA3_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                  intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False)
 
 
-def trained_like_finetune(source, train_base: bool = False, dtype: torch.dtype = torch.float32) -> AmoebaForCausalLM:
-    """The source converted and given SMoL exactly as `finetune` does with its default settings."""
+def trained_like_finetune(source, train_base: bool = False, dtype: torch.dtype = torch.float32,
+                          calibration: CalibrationSettings | None = None) -> AmoebaForCausalLM:
+    """The source converted, calibrated with `calibration` (if given) and given SMoL exactly as `finetune` does with
+    its default settings."""
     settings = FinetuneSettings(data=["unused"], train_base=train_base)
     model = AmoebaForCausalLM.from_llama(source).to(dtype)
+    if calibration is not None:
+        calibrate(model, tiny_tokenizer(), calibration, show_progress=False)
     return model.enable_smol(experts=settings.experts, top_k=min(settings.top_k, settings.experts), rank=settings.rank,
                              alpha=settings.alpha, router_noise=settings.router_noise, train_base=settings.train_base,
                              exact_full_shape=settings.distill_teacher == "base")
@@ -33,25 +38,47 @@ def trained_like_finetune(source, train_base: bool = False, dtype: torch.dtype =
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("train_base", [False, True])
-def test_parameter_counts_equal_the_real_model(family, train_base):
+def test_parameter_counts_equal_the_real_model(family, train_base, tmp_path):
+    """Against the model `calibrate` (its defaults: depth bridges and width corrections) and `finetune` make; with
+    drop-last depths, whose removed spans are the ones the plan assumes (the data decide them otherwise)."""
     source = tiny_source(family)
-    model = trained_like_finetune(source, train_base)
+    calibration = CalibrationSettings(data=str(write_tiny_text(tmp_path / "calib.jsonl")), samples=4, seq_len=16,
+                                      depth_method="drop-last")
+    model = trained_like_finetune(source, train_base, calibration=calibration)
+    recovery = sum(p.numel() for name, p in model.named_parameters() if is_recovery_parameter(name))
+    assert model.config.depth_bridges and model.config.width_compensation and recovery > 0
     result = plan(source.config, train_base=train_base)
     params = result["parameters"]
     assert params["total"] == sum(p.numel() for p in model.parameters())
     assert params["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert params["base"] == sum(p.numel() for p in source.parameters())
+    assert params["recovery"] == recovery
     assert params["body"] + params["embeddings"] == params["base"]
     train = next(stage for stage in result["stages"] if stage["stage"] == "train")
-    assert train["memory"]["weights"] == 2 * params["base"]  # bfloat16 by default
+    assert train["memory"]["weights"] == 2 * params["base"] + 4 * recovery  # bfloat16 by default; recovery fp32
     assert train["memory"]["experts"] == 4 * (params["experts"] + params["router"])
+    plain = plan(source.config, train_base=train_base, depth_bridges=False, width_compensation=False)["parameters"]
+    assert plain["recovery"] == 0 and plain["total"] == params["total"] - recovery
+
+
+def test_calibrated_checkpoint_counts_its_own_recovery(tmp_path):
+    """A calibrated config carries the spans its data chose (here by the DP), which the plan counts as they are."""
+    source = tiny_source("llama")
+    calibration = CalibrationSettings(data=str(write_tiny_text(tmp_path / "calib.jsonl")), samples=4, seq_len=16,
+                                      min_depth=2, widths=[1.0, 0.5], width_compensation_rank=2)
+    model = trained_like_finetune(source, calibration=calibration)
+    params = plan(model.config, depth_bridges=False, width_compensation=False)["parameters"]
+    assert params["recovery"] == sum(p.numel() for n, p in model.named_parameters() if is_recovery_parameter(n))
+    assert params["total"] == sum(p.numel() for p in model.parameters())
 
 
 def test_full_weight_training_from_the_base_counts_the_real_teacher_copy(tmp_path):
     """With the base teacher and trained base weights, the trainer holds a frozen copy of the model: the plan's
     extra weights are that copy's real bytes, and the full shape's training joins the teacher's forward."""
     source = tiny_source("llama")
-    model = trained_like_finetune(source, train_base=True, dtype=torch.bfloat16)
+    calibration = CalibrationSettings(data=str(write_tiny_text(tmp_path / "calib.jsonl")), samples=4, seq_len=16,
+                                      depth_method="drop-last")
+    model = trained_like_finetune(source, train_base=True, dtype=torch.bfloat16, calibration=calibration)
     model.config.smol_exact_full_shape = True
     args = AmoebaTrainingArguments(output_dir=str(tmp_path), distill_teacher="base", report_to=[], use_cpu=True)
     copy_bytes = sum(p.numel() * p.element_size() for p in AmoebaTrainer(model=model, args=args)._frozen_base
@@ -113,7 +140,12 @@ def test_depth_search_count_equals_calibration(tmp_path):
 
 def test_llama_sizes_and_memory_scaling():
     llama2 = LlamaConfig(**LLAMA2_7B)
-    assert plan(LlamaConfig(**LLAMA3_8B))["parameters"]["base"] == 8_030_261_248
+    llama3 = plan(LlamaConfig(**LLAMA3_8B))
+    assert llama3["parameters"]["base"] == 8_030_261_248
+    # calibrate's defaults at widths 0.875 .. 0.5: rank-128 corrections of o_proj (7 .. 4 of 8 KV groups of 4 heads of
+    # 128) and down_proj (of 14336 neurons), B A with A rank x kept and B 4096 x rank; a 4096^2 bridge per depth 16..31
+    kept = [groups * 4 * 128 for groups in (7, 6, 5, 4)] + [int(14336 * w) for w in (0.875, 0.75, 0.625, 0.5)]
+    assert llama3["parameters"]["recovery"] == 32 * sum(128 * (k + 4096) for k in kept) + 16 * 4096**2
     base = plan(llama2)
     params = base["parameters"]
     assert params["base"] == 6_738_415_616
@@ -121,9 +153,10 @@ def test_llama_sizes_and_memory_scaling():
     assert params["embeddings"] == 2 * 32000 * 4096
     memory = {stage["stage"]: stage["memory"] for stage in base["stages"]}
     fp32 = {stage["stage"]: stage["memory"] for stage in plan(llama2, dtype="float32")["stages"]}
-    for stage in ("convert", "calibrate", "train", "evaluate"):
-        assert memory[stage]["weights"] == 2 * params["base"]
-        assert fp32[stage]["weights"] == 2 * memory[stage]["weights"]
+    assert memory["convert"]["weights"] == 2 * params["base"]
+    for stage in ("calibrate", "train", "evaluate"):  # bridges and width corrections stay float32
+        assert memory[stage]["weights"] == 2 * params["base"] + 4 * params["recovery"]
+        assert fp32[stage]["weights"] == 4 * params["base"] + 4 * params["recovery"]
     assert fp32["train"]["experts"] == memory["train"]["experts"]  # experts stay fp32
     assert fp32["train"]["activations"] > memory["train"]["activations"]
 
@@ -175,3 +208,38 @@ def test_cli_one_line_errors(tmp_path, capsys):
         error = capsys.readouterr().err
         assert error.startswith("amoeba plan: error:") and error.count("\n") == 1
     assert "gpt2" in error
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_width_corrections_save_their_folded_weights_for_backward(dtype, tmp_path):
+    """At each grid width, a training forward of a layer with width corrections saves o_proj's and down_proj's
+    corrected weights beyond what the same layer saves without them; the plan counts the largest of these."""
+    calibration = CalibrationSettings(data=str(write_tiny_text(tmp_path / "calib.jsonl")), samples=4, seq_len=16,
+                                      depth_method="drop-last")
+    model = trained_like_finetune(tiny_source("llama"), dtype=dtype, calibration=calibration).train()
+    model.config._attn_implementation = "sdpa"
+    inner, config = model.model, model.config
+    widths = list(config.width_compensation)
+    expected = corrected_weight_bytes(config, full_layer_sizes(config)[1], torch.finfo(dtype).bits // 8)
+    inputs = inner.prepare_inputs(torch.randint(3, 97, (2, 24)))
+
+    def saved_bytes(width: float) -> int:
+        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            if tensor.untyped_storage().data_ptr() not in parameters:
+                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with model.shaped(config.num_hidden_layers, width):
+            inner.route()
+            hidden = inputs.inputs_embeds.detach().requires_grad_(True)
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                inner.run_layers(hidden, [inner.layers[1]], inputs)
+        return sum(saved.values())
+
+    corrected = [saved_bytes(width) for width in widths]
+    model.set_width_compensation(None)
+    extra = [with_corrections - saved_bytes(width) for width, with_corrections in zip(widths, corrected)]
+    assert min(extra) > 0 and max(extra) == expected

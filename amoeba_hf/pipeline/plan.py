@@ -17,17 +17,19 @@ from transformers import AutoConfig, PreTrainedConfig
 from transformers import initialization as init
 
 from ..modeling.configuration_amoeba import AmoebaConfig
-from ..modeling.modeling_amoeba import AmoebaForCausalLM
+from ..modeling.modeling_amoeba import AmoebaForCausalLM, is_recovery_parameter
 from ..modeling.shape_space import (
     LayerWidth,
     ShapeSpace,
     attention_parameters,
+    compensation_sizes,
     full_layer_sizes,
     neuron_cost,
 )
 from ..modeling.subnet_export import amoeba_config_from_source, check_local_source
-from ..selection.calibrate import CalibrationSettings
-from ..selection.depth import SCORES, dp_depth_table, kl_score, removable_layers
+from ..selection.bridges import bridge_spans
+from ..selection.calibrate import DEPTH_BRIDGES_DEFAULT, WIDTH_COMPENSATION_DEFAULT, CalibrationSettings
+from ..selection.depth import SCORES, dp_depth_table, drop_last_table, kl_score, removable_layers
 from ..training.finetune import FinetuneSettings
 from ..training.trainer import TEACHERS
 from .build import PRESETS, eval_shapes
@@ -72,6 +74,20 @@ class PlanSettings:
     score: str = field(default=CalibrationSettings.score, metadata={"help": "DP score", "choices": SCORES})
     keep_last: int = field(default=CalibrationSettings.keep_last, metadata={"help": "never remove the last K layers"})
     keep_first: bool = field(default=CalibrationSettings.keep_first, metadata={"help": "never remove the first layer"})
+    widths: list[float] | None = field(
+        default=None, metadata={"help": "width grid calibration sets, e.g. 1,0.75,0.5 (default: the model's)"}
+    )
+    depth_bridges: bool = field(
+        default=DEPTH_BRIDGES_DEFAULT,
+        metadata={"help": "calibration fits depth bridges, counted as one removed span per depth (the spans depend "
+                          "on the data; a calibrated checkpoint counts its own)"},
+    )
+    width_compensation: bool = field(
+        default=WIDTH_COMPENSATION_DEFAULT, metadata={"help": "calibration fits width corrections (uniform widths)"}
+    )
+    width_compensation_rank: int = field(
+        default=CalibrationSettings.width_compensation_rank, metadata={"help": "rank of each width correction"}
+    )
     eval_tokens: int = field(default=PRESETS["standard"].eval_tokens, metadata={"help": "tokens scored per shape"})
     tflops: float | None = field(
         default=None, metadata={"help": "measured throughput of one device in TFLOP/s, for time estimates"}
@@ -88,12 +104,16 @@ class PlanSettings:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
         counts = {"batch_size": self.batch_size, "grad_accum": self.grad_accum, "processes": self.processes,
                   "experts": self.experts, "top_k": self.top_k, "rank": self.rank, "steps": self.steps,
-                  "samples": self.samples, "eval_tokens": self.eval_tokens}
+                  "samples": self.samples, "eval_tokens": self.eval_tokens,
+                  "width_compensation_rank": self.width_compensation_rank}
         for name, value in counts.items():
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.random_shapes < 0 or self.keep_last < 0:
             raise ValueError(f"random_shapes and keep_last must be >= 0, got {self.random_shapes}, {self.keep_last}")
+        for width in self.widths or ():
+            if not 0.0 < width <= 1.0:
+                raise ValueError(f"width {width} is outside (0, 1]")
         if self.tflops is not None and not self.tflops > 0:
             raise ValueError(f"tflops must be > 0, got {self.tflops}")
 
@@ -112,14 +132,38 @@ def load_config(model: str | os.PathLike | PreTrainedConfig) -> PreTrainedConfig
         raise OSError(f"cannot read the config of {os.fspath(model)!r}: {reason}") from error
 
 
+def apply_planned_calibration(config: AmoebaConfig, settings: PlanSettings) -> None:
+    """Give a config that calibration has not seen (no depth table, no experts) the width grid and closed-form
+    recovery `amoeba calibrate` would give it with these settings, so that the model built from it holds those
+    parameters: width corrections for every grid width below 1 (their sizes follow from the config), and depth
+    bridges for the spans of the drop-last table, one per depth below full (the real spans depend on the data:
+    SmolLM2-135M's block-influence table has 15 for its 15 depths). A calibrated or trained checkpoint keeps what it
+    has."""
+    if config.depth_table is not None or config.smol_experts:
+        return
+    if settings.widths:
+        config.width_grid, config.min_width = sorted(settings.widths, reverse=True), min(settings.widths)
+        config.validate_architecture()
+    if settings.depth_bridges:
+        layers = config.num_hidden_layers
+        scan = removable_layers(layers, settings.keep_last, settings.keep_first)
+        table = drop_last_table(layers, scan, min(layers - config.min_depth, len(scan)))
+        config.depth_bridges = [list(span) for span in bridge_spans(table, layers)] or None
+    if settings.width_compensation and config.width_mode == "uniform":
+        config.width_compensation = [width for width in config.width_grid if width < 1.0] or None
+        config.width_compensation_rank = settings.width_compensation_rank
+
+
 def meta_model(config: PreTrainedConfig, settings: PlanSettings) -> AmoebaForCausalLM:
-    """The any-shape model as Stage 2 trains it, on the meta device: converted (a source config) and with SMoL
-    enabled as `finetune` enables it, unless the checkpoint already has experts."""
+    """The any-shape model as Stage 2 trains it, on the meta device: converted (a source config), with the widths and
+    recovery calibration would give it (`apply_planned_calibration`) and with SMoL enabled as `finetune` enables it,
+    unless the checkpoint already has experts."""
     if config.model_type != "amoeba":
         config = amoeba_config_from_source(config, min_depth=settings.min_depth)
     elif settings.min_depth is not None:
         config.min_depth = settings.min_depth
         config.depth_table = None
+    apply_planned_calibration(config, settings)
     with torch.device("meta"), init.no_init_weights():
         model = AmoebaForCausalLM(config)
         model.tie_weights()  # as `from_llama` does: tied embeddings are one parameter
@@ -133,20 +177,23 @@ def meta_model(config: PreTrainedConfig, settings: PlanSettings) -> AmoebaForCau
 
 
 def parameter_counts(model: AmoebaForCausalLM) -> dict[str, int]:
-    """Parameters by role; tied embeddings count once (as `model.parameters()` does)."""
-    counts = {"body": 0, "embeddings": 0, "experts": 0, "router": 0, "trainable": 0}
+    """Parameters by role; tied embeddings count once (as `model.parameters()` does). "recovery" are the depth
+    bridges and width corrections (float32, in the any-shape checkpoint only)."""
+    counts = {"body": 0, "embeddings": 0, "experts": 0, "router": 0, "recovery": 0, "trainable": 0}
     body = {id(p) for p in (*model.model.layers.parameters(), *model.model.norm.parameters())}
     for name, parameter in model.named_parameters():
         if "lora_" in name:
             role = "experts"
         elif "shape_router" in name:
             role = "router"
+        elif is_recovery_parameter(name):
+            role = "recovery"
         else:
             role = "body" if id(parameter) in body else "embeddings"
         counts[role] += parameter.numel()
         counts["trainable"] += parameter.numel() if parameter.requires_grad else 0
     counts["base"] = counts["body"] + counts["embeddings"]
-    counts["total"] = counts["base"] + counts["experts"] + counts["router"]
+    counts["total"] = counts["base"] + counts["experts"] + counts["router"] + counts["recovery"]
     return counts
 
 
@@ -274,6 +321,18 @@ def layer_activation_bytes(config: AmoebaConfig, size: LayerWidth, tokens: int, 
     return sum(per_token.values()) * tokens + per_layer
 
 
+def corrected_weight_bytes(config: AmoebaConfig, size: LayerWidth, d: int) -> int:
+    """Bytes a layer at full size `size` saves for backward beyond `layer_activation_bytes` at a grid width with width
+    corrections: o_proj's and down_proj's weight with the correction folded in (`ElasticLinear.shape_weight`) is a
+    new tensor, not a view of the frozen weight, and the input gradient needs it (hidden x kept x d each). The most
+    over the corrected grid widths; nothing without width compensation."""
+    per_width: dict[str, int] = {}
+    for name in ("o_proj", "down_proj"):
+        for key, (_, kept) in compensation_sizes(config, name, size).items():
+            per_width[key] = per_width.get(key, 0) + kept * config.hidden_size * d
+    return max(per_width.values(), default=0)
+
+
 def _inference_working_set(config: AmoebaConfig, tokens: int, d: int) -> int:
     """Largest transient of a no-grad layer: residual and normed input, plus attention's q, k, v and output or
     the MLP's gate, up and act(gate), whichever is larger."""
@@ -313,12 +372,14 @@ def plan(config_or_path: str | os.PathLike | PreTrainedConfig, **settings) -> di
     - Optimizer: AdamW, two moments in each trainable parameter's dtype (fp32 for experts and router); gradients
       likewise. No optimizer-step or allocator overhead, no CUDA context (~0.5 GiB per process), no fragmentation.
     - Training activations are those of the full shape (the largest graph; each shape's graph is freed after its
-      backward). Per layer `layer_activation_bytes`; with gradient checkpointing, L x T x h x d (each layer's input)
-      plus one layer's recomputed activations. Plus rotary cos/sin (2 x seq_len x head_dim x d), the final norm
-      (T x (4h + 4)) and the logits and loss over every position (all labelled: an upper bound; instruction data
-      labels only responses): T x V x (d + 16), i.e. the logits, their fp32 copy, the saved log-probabilities and
-      the teacher's log-probabilities and probabilities (fp32). Padded batches would add a T x s mask and expand k/v
-      to the query heads; eager attention would add the s x s attention matrix per head and layer.
+      backward). Per layer `layer_activation_bytes` plus, with width corrections, `corrected_weight_bytes` (an
+      upper bound: the full shape has none, narrower shapes save less); with gradient checkpointing, L x T x h x d
+      (each layer's input) plus one layer's recomputed activations. Plus rotary cos/sin (2 x seq_len x head_dim x
+      d), the final norm (T x (4h + 4)) and the logits and loss over every position (all labelled: an upper bound;
+      instruction data labels only responses): T x V x (d + 16), i.e. the logits, their fp32 copy, the saved
+      log-probabilities and the teacher's log-probabilities and probabilities (fp32). Padded batches would add a
+      T x s mask and expand k/v to the query heads; eager attention would add the s x s attention matrix per head
+      and layer.
     - Calibrate: the width step (a full forward of `samples` blocks, in chunks of `CalibrationSettings.chunk_size`,
       float64 channel statistics) or the DP, whichever holds more: the DP caches every layer's input and the final
       hidden states ((L + 1) x samples x seq_len x h x d), runs one chunk at a time, and (score kl) caches the
@@ -392,8 +453,46 @@ def _calibrate_stage(config: AmoebaConfig, params: dict[str, int], space: ShapeS
             dp_memory += chunk * vocab * (d + 8)
         if settings.score == "kl" and tokens * vocab * FP32 <= KL_CACHE_BYTES:
             dp_memory += tokens * vocab * FP32
-    memory = _memory(weights=params["base"] * d, activations=max(width_memory, dp_memory))
+    recovery_memory = max(_bridge_fit_memory(config, chunk, d), _compensation_fit_memory(config, tokens, chunk, d))
+    memory = _memory(weights=params["base"] * d + params["recovery"] * FP32,
+                     activations=max(width_memory, dp_memory, recovery_memory))
     return _stage("calibrate", 1, memory, width_flops + dp_flops, settings)
+
+
+def _bridge_fit_memory(config: AmoebaConfig, chunk: int, d: int) -> int:
+    """`fit_depth_bridges` over chunks of `chunk` tokens: float64 X^T X per kept layer with a span and X^T Y per
+    span, plus the one being added; per chunk, in the model's dtype, each such layer's output and MLP output and the
+    stream after each span's end, and up to five chunk-sized float64 transients (X, the layer's output, a stream and
+    two steps of the target)."""
+    spans = [tuple(span) for span in config.depth_bridges or ()]
+    if not spans:
+        return 0
+    hidden, kept, ends = config.hidden_size, len({i for i, _ in spans}), len({j for _, j in spans})
+    sums = 8 * hidden * hidden * (kept + len(spans) + 1)
+    streams = d * chunk * hidden * (2 * kept + ends) + 5 * 8 * chunk * hidden
+    return sums + streams + _inference_working_set(config, chunk, d)
+
+
+def _compensation_fit_memory(config: AmoebaConfig, tokens: int, chunk: int, d: int) -> int:
+    """`fit_width_compensation`, one layer at a time: every block's hidden states at that layer's input and output,
+    and the larger of running the layer (float64 input sums of o_proj and down_proj, a chunk's float64 input copy)
+    and solving its projections in turn (o_proj while down_proj's sums wait): the projection's C (its sums, centred
+    in place), and at the widest grid width below 1 two kept^2 matrices, the update, its right-hand side and the
+    removed columns, float64 (in^2 + 2 kept^2 + 2 kept x hidden + in x hidden; for in = 4096, kept = 3584, hidden =
+    1024 within a few percent of getrusage's peak on CPU)."""
+    if not config.width_compensation:
+        return 0
+    hidden, widest = config.hidden_size, max(full_layer_sizes(config), key=lambda s: s.intermediate_size)
+    inputs = {"o_proj": widest.query_heads * config.head_dim, "down_proj": widest.intermediate_size}
+    sums = {name: 8 * (size * size + size) for name, size in inputs.items()}
+    run = sum(sums.values()) + 8 * chunk * max(inputs.values()) + _inference_working_set(config, chunk, d)
+    solve, waiting = 0, sum(sums.values())
+    for name, size in inputs.items():
+        kept = max((columns for _, columns in compensation_sizes(config, name, widest).values()), default=0)
+        if kept:
+            solve = max(solve, waiting + 8 * (2 * kept * kept + 2 * kept * hidden + size * hidden))
+        waiting -= sums[name]
+    return 2 * tokens * hidden * d + max(run, solve)
 
 
 def _train_stage(model: AmoebaForCausalLM, params: dict[str, int], space: ShapeSpace, settings: PlanSettings,
@@ -408,7 +507,8 @@ def _train_stage(model: AmoebaForCausalLM, params: dict[str, int], space: ShapeS
     gradients = experts * FP32 + trained_base * d
     if settings.processes > 1 and not settings.fsdp:
         gradients *= 2  # DDP's bucket copy
-    saved = [layer_activation_bytes(config, size, tokens, d, settings.train_base) for size in full_layer_sizes(config)]
+    saved = [layer_activation_bytes(config, size, tokens, d, settings.train_base)
+             + corrected_weight_bytes(config, size, d) for size in full_layer_sizes(config)]
     if settings.gradient_checkpointing:
         layers = config.num_hidden_layers * tokens * hidden * d + max(saved)
     else:
@@ -418,12 +518,15 @@ def _train_stage(model: AmoebaForCausalLM, params: dict[str, int], space: ShapeS
     gather = 0
     if settings.fsdp and settings.processes > 1:
         layer = model.model.layers[0].named_parameters()
-        layer_bytes = sum(p.numel() * (FP32 if "lora_" in n else d) for n, p in layer)
+        layer_bytes = sum(p.numel() * (FP32 if "lora_" in n or is_recovery_parameter(n) else d) for n, p in layer)
         gather = params["embeddings"] * d + hidden * d + params["router"] * FP32 + 2 * layer_bytes
     full_trains = settings.teacher == "largest" or settings.train_base
     # Full-weight training from the base teacher keeps a frozen, unsharded copy of the model as the teacher.
-    teacher_copy = params["base"] * d + experts * FP32 if settings.teacher == "base" and settings.train_base else 0
-    memory = _memory(weights=params["base"] * d / shard + teacher_copy, experts=experts * FP32 / shard,
+    recovery = params["recovery"] * FP32
+    teacher_copy = 0
+    if settings.teacher == "base" and settings.train_base:
+        teacher_copy = params["base"] * d + recovery + experts * FP32
+    memory = _memory(weights=(params["base"] * d + recovery) / shard + teacher_copy, experts=experts * FP32 / shard,
                      optimizer=2 * (experts * FP32 + trained_base * d) / shard, gradients=gradients / shard,
                      activations=activations, fsdp_gather=gather)
 
@@ -453,8 +556,8 @@ def _evaluate_stages(config: AmoebaConfig, params: dict[str, int], space: ShapeS
     seq_len, vocab = settings.seq_len, config.vocab_size
     scored = math.ceil(settings.eval_tokens / seq_len) * seq_len
     activations = _inference_working_set(config, settings.batch_size * seq_len, d) + seq_len * vocab * (d + 8)
-    memory = _memory(weights=params["base"] * d, experts=(params["experts"] + params["router"]) * FP32,
-                     activations=activations)
+    memory = _memory(weights=params["base"] * d + params["recovery"] * FP32,
+                     experts=(params["experts"] + params["router"]) * FP32, activations=activations)
     return [
         _stage("evaluate", 1, memory,
                shape_flops(config, space, shape, scored, seq_len, scored, config.smol_rank).total, settings,
@@ -490,8 +593,8 @@ def format_plan(result: dict) -> str:
         f"{result['model']} ({result['source_model_type']}, {arch['layers']} layers, hidden {arch['hidden_size']}, "
         f"vocab {arch['vocab_size']}, {'tied' if arch['tie_word_embeddings'] else 'untied'} embeddings)",
         f"parameters: {params['total']:,} = {params['base']:,} base ({params['body']:,} body + "
-        f"{params['embeddings']:,} embeddings) + {params['experts']:,} experts + {params['router']:,} router; "
-        f"trainable {params['trainable']:,}",
+        f"{params['embeddings']:,} embeddings) + {params['experts']:,} experts + {params['router']:,} router + "
+        f"{params['recovery']:,} recovery (depth bridges, width corrections); trainable {params['trainable']:,}",
         f"settings: {settings['dtype']}, batch {settings['batch_size']} x {settings['seq_len']} tokens per device, "
         f"grad accum {settings['grad_accum']}, {_processes(settings)}, gradient checkpointing "
         f"{'on' if settings['gradient_checkpointing'] else 'off'}",
@@ -514,12 +617,12 @@ def format_plan(result: dict) -> str:
         lines.append(f"{label:<22} {stage['processes']:>5} {cells} {flops:>10} {_duration(stage['seconds']):>9}")
     total = result["train_total"]
     lines += [
-        "memory in GiB per device; weights: base in the chosen dtype; experts, router, their gradients and AdamW "
-        "moments in fp32",
+        "memory in GiB per device; weights: base in the chosen dtype, recovery in fp32; experts, router, their "
+        "gradients and AdamW moments in fp32",
         f"train total: {total['steps']} steps, {total['flops'] / 1e15:,.1f} PFLOP per device"
         + (f", {_duration(total['seconds'])}" if total["seconds"] is not None else " (pass --tflops for times)"),
     ]
     return "\n".join(lines)
 
 
-__all__ = ["PlanSettings", "format_plan", "layer_activation_bytes", "plan"]
+__all__ = ["PlanSettings", "corrected_weight_bytes", "format_plan", "layer_activation_bytes", "plan"]

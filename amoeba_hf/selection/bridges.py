@@ -79,21 +79,21 @@ def fit_depth_bridges(
             for start in tqdm(chunks, disable=not show_progress, desc="depth bridges", unit="chunk"):
                 inputs = inner.prepare_inputs(input_ids[start : start + chunk_size])
                 hidden = inputs.inputs_embeds
-                residuals, streams = {}, {}
+                outputs, streams = {}, {}  # kept in the model's dtype, widened to float64 one at a time below
                 for index, layer in enumerate(inner.layers):
                     hidden = inner.run_layers(hidden, [layer], inputs)
                     if index in mlp_outputs:
-                        output = mlp_outputs.pop(index).flatten(0, -2).double()
-                        residuals[index] = (hidden.flatten(0, -2).double() - output, output)
+                        outputs[index] = (hidden.flatten(0, -2), mlp_outputs.pop(index).flatten(0, -2))
                     if index in ends:
-                        streams[index] = hidden.flatten(0, -2).double()
-                for index, (_, output) in residuals.items():
+                        streams[index] = hidden.flatten(0, -2)
+                for kept in kept_layers:
+                    after, output = (tensor.double() for tensor in outputs.pop(kept))
                     gram = output.T @ output
-                    grams[index] = gram if index not in grams else grams[index] + gram
-                for kept, end in spans:
-                    residual, output = residuals[kept]
-                    cross = output.T @ (streams[end] - residual)
-                    crosses[(kept, end)] = cross if (kept, end) not in crosses else crosses[(kept, end)] + cross
+                    grams[kept] = gram if kept not in grams else grams[kept].add_(gram)
+                    for end in (end for first, end in spans if first == kept):
+                        # Y = h_j - R with R = h_i - X the residual before layer i's MLP output was added
+                        cross = output.T @ (streams[end].double() - after + output)
+                        crosses[(kept, end)] = cross if (kept, end) not in crosses else crosses[(kept, end)].add_(cross)
     finally:
         for handle in handles:
             handle.remove()

@@ -31,8 +31,12 @@ def layer_moments(
     def accumulate(name: str):
         def hook(module, args):
             rows = args[0].detach().reshape(-1, args[0].shape[-1]).double()
-            gram, total, count = moments.get(name, (0, 0, 0))
-            moments[name] = (gram + rows.T @ rows, total + rows.sum(0), count + rows.shape[0])
+            if name not in moments:
+                moments[name] = (rows.T @ rows, rows.sum(0), rows.shape[0])
+                return
+            gram, total, count = moments[name]
+            gram.addmm_(rows.T, rows)  # in place: no second in^2 matrix while summing
+            moments[name] = (gram, total.add_(rows.sum(0)), count + rows.shape[0])
         return hook
 
     handles = [linear.register_forward_pre_hook(accumulate(name)) for name, linear in layer.output_projections()]
@@ -44,17 +48,24 @@ def layer_moments(
     return moments, hidden
 
 
-def solve_compensation(
-    weight: torch.Tensor, gram: torch.Tensor, total: torch.Tensor, count: int, kept: int, ridge: float, centred: bool
-) -> torch.Tensor:
-    """dW (float64, out x kept) for keeping the first `kept` input columns of `weight`, from the sums of X^T X and X
-    over `count` tokens (centred covariance if `centred`, else the second moment)."""
-    second = gram - torch.outer(total, total) / count if centred else gram
+def second_moment(moments: tuple[torch.Tensor, torch.Tensor, int], centred: bool) -> torch.Tensor:
+    """The fit's matrix C from the sums (X^T X, X, token count): X^T X, or with `centred` the covariance up to the
+    count, X^T X - X^T 1 1^T X / n, computed in place (the sums are not used after)."""
+    gram, total, count = moments
+    return gram.addr_(total, total, alpha=-1.0 / count) if centred else gram
+
+
+def solve_compensation(weight: torch.Tensor, second: torch.Tensor, kept: int, ridge: float) -> torch.Tensor:
+    """dW (float64, out x kept) for keeping the first `kept` input columns of `weight`, from C (`second_moment`).
+
+    Beside C, two kept x kept matrices at a time (the ridge-shifted block, then its Cholesky factor)."""
     inner, cross = second[:kept, :kept], second[:kept, kept:]
     lam = ridge * torch.trace(inner) / kept
-    identity = torch.eye(kept, dtype=second.dtype, device=second.device)
+    shifted = inner.clone()
+    shifted.diagonal().add_(lam)
+    factor = torch.linalg.cholesky(shifted)
+    del shifted
     removed = weight[:, kept:].to(second)
-    factor = torch.linalg.cholesky(inner + lam * identity)
     return torch.cholesky_solve(cross @ removed.T, factor).T
 
 
@@ -118,10 +129,10 @@ def projection_corrections(
 ) -> dict[float, tuple[torch.Tensor, torch.Tensor]]:
     """(A, B) of one projection per grid width of `sizes` (width -> (rank, kept columns)), from its input sums (a
     function of its own, so that the sums are freed before the next layer runs)."""
-    gram, total, count = moments
+    second = second_moment(moments, centred)
     corrections = {}
     for width, (rank, kept) in sizes.items():
-        update = solve_compensation(linear.weight.detach(), gram, total, count, kept, ridge, centred)
+        update = solve_compensation(linear.weight.detach(), second, kept, ridge)
         corrections[width] = low_rank(update, rank)
     return corrections
 
@@ -132,4 +143,4 @@ def compensation_parameters(corrections: dict[tuple[float, int, str], tuple[torc
 
 
 __all__ = ["compensation_parameters", "fit_width_compensation", "layer_moments", "low_rank", "projection_corrections",
-           "solve_compensation"]
+           "second_moment", "solve_compensation"]
