@@ -36,6 +36,25 @@ def trained_like_finetune(source, train_base: bool = False, dtype: torch.dtype =
                              exact_full_shape=settings.distill_teacher == "base")
 
 
+def layer_bytes_saved_for_backward(model: AmoebaForCausalLM, inputs) -> int:
+    """Bytes autograd saves, parameters aside, for a training forward of layer 1 at the model's shape on `inputs`."""
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in parameters:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    inner = model.model
+    inner.route()
+    hidden = inputs.inputs_embeds.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        inner.run_layers(hidden, [inner.layers[1]], inputs)
+    return sum(saved.values())
+
+
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
 @pytest.mark.parametrize("train_base", [False, True])
 def test_parameter_counts_equal_the_real_model(family, train_base, tmp_path):
@@ -106,26 +125,13 @@ def test_layer_activations_match_what_autograd_saves(dtype, train_base):
     model = trained_like_finetune(source, train_base, dtype).train()
     model.config._attn_implementation = "sdpa"
     batch, seq_len = 2, 24
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(tensor: torch.Tensor) -> torch.Tensor:
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in parameters:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    inner = model.model
-    inner.route()
-    inputs = inner.prepare_inputs(torch.randint(3, 97, (batch, seq_len)))
-    hidden = inputs.inputs_embeds.detach().requires_grad_(True)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        inner.run_layers(hidden, [inner.layers[1]], inputs)
+    inputs = model.model.prepare_inputs(torch.randint(3, 97, (batch, seq_len)))
+    saved = layer_bytes_saved_for_backward(model, inputs)
     d = torch.finfo(dtype).bits // 8
     config = model.config
     expected = layer_activation_bytes(config, full_layer_sizes(config)[1], batch * seq_len, d, train_base)
     rotary = 2 * seq_len * config.head_dim * d  # cos and sin, shared by every layer: counted once per model
-    assert sum(saved.values()) == pytest.approx(expected + rotary, rel=1e-3)
+    assert saved == pytest.approx(expected + rotary, rel=1e-3)
 
 
 def test_depth_search_count_equals_calibration(tmp_path):
@@ -218,26 +224,14 @@ def test_width_corrections_save_their_folded_weights_for_backward(dtype, tmp_pat
                                       depth_method="drop-last")
     model = trained_like_finetune(tiny_source("llama"), dtype=dtype, calibration=calibration).train()
     model.config._attn_implementation = "sdpa"
-    inner, config = model.model, model.config
+    config = model.config
     widths = list(config.width_compensation)
     expected = corrected_weight_bytes(config, full_layer_sizes(config)[1], torch.finfo(dtype).bits // 8)
-    inputs = inner.prepare_inputs(torch.randint(3, 97, (2, 24)))
+    inputs = model.model.prepare_inputs(torch.randint(3, 97, (2, 24)))
 
     def saved_bytes(width: float) -> int:
-        parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = {}
-
-        def pack(tensor: torch.Tensor) -> torch.Tensor:
-            if tensor.untyped_storage().data_ptr() not in parameters:
-                saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-            return tensor
-
         with model.shaped(config.num_hidden_layers, width):
-            inner.route()
-            hidden = inputs.inputs_embeds.detach().requires_grad_(True)
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                inner.run_layers(hidden, [inner.layers[1]], inputs)
-        return sum(saved.values())
+            return layer_bytes_saved_for_backward(model, inputs)
 
     corrected = [saved_bytes(width) for width in widths]
     model.set_width_compensation(None)

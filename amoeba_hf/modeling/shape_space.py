@@ -102,6 +102,13 @@ def fixed_layer_cost(config) -> int:
     return config.hidden_size * (2 + out_biases)
 
 
+def check_widths(widths: Iterable[float] | None) -> None:
+    """Refuse a width grid (a settings field; None for the model's) with a width outside (0, 1]."""
+    for width in widths or ():
+        if not 0.0 < width <= 1.0:
+            raise ValueError(f"width {width} is outside (0, 1]")
+
+
 def _round_count(width: float, full: int) -> int:
     return min(full, max(1, math.floor(width * full + 0.5)))
 
@@ -301,6 +308,7 @@ __all__ = [
     "LayerWidth",
     "Shape",
     "ShapeSpace",
+    "check_widths",
     "compensation_key",
     "compensation_sizes",
     "default_depth_table",

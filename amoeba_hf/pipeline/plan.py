@@ -22,6 +22,7 @@ from ..modeling.shape_space import (
     LayerWidth,
     ShapeSpace,
     attention_parameters,
+    check_widths,
     compensation_sizes,
     full_layer_sizes,
     neuron_cost,
@@ -111,9 +112,7 @@ class PlanSettings:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.random_shapes < 0 or self.keep_last < 0:
             raise ValueError(f"random_shapes and keep_last must be >= 0, got {self.random_shapes}, {self.keep_last}")
-        for width in self.widths or ():
-            if not 0.0 < width <= 1.0:
-                raise ValueError(f"width {width} is outside (0, 1]")
+        check_widths(self.widths)
         if self.tflops is not None and not self.tflops > 0:
             raise ValueError(f"tflops must be > 0, got {self.tflops}")
 

@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 
 from ..fingerprint import Fingerprint, data_digests, loaded_model_identity, model_dtype, settings_record
 from ..io import write_text_atomically
+from ..modeling.shape_space import check_widths
 from ..placement import input_device
 from ..training.data import is_file_source
 from .bridges import bridge_parameters, bridge_spans, fit_depth_bridges
@@ -161,9 +162,7 @@ class CalibrationSettings:
             raise ValueError(f"width_mode must be one of {WIDTH_MODES}, got {self.width_mode!r}")
         if self.attention_unit not in ATTENTION_UNITS:
             raise ValueError(f"attention_unit must be one of {ATTENTION_UNITS}, got {self.attention_unit!r}")
-        for width in self.widths or ():
-            if not 0.0 < width <= 1.0:
-                raise ValueError(f"width {width} is outside (0, 1]")
+        check_widths(self.widths)
         if not self.bridge_ridge >= 0:
             raise ValueError(f"bridge_ridge must be >= 0, got {self.bridge_ridge}")
         if not self.compensation_ridge >= 0:

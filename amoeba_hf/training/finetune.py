@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import torch
-
 from datasets import concatenate_datasets
 from transformers import DataCollatorForSeq2Seq, PreTrainedTokenizerBase, TrainerCallback, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
@@ -20,6 +19,7 @@ from ..fingerprint import (
     processes,
     settings_record,
 )
+from ..modeling.shape_space import check_widths
 from .data import (
     TEMPLATES,
     DataFields,
@@ -208,9 +208,7 @@ class FinetuneSettings:
             raise ValueError(f"random_shapes must be >= 0, got {self.random_shapes}")
         if not self.learning_rate > 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
-        for width in self.widths or ():
-            if not 0.0 < width <= 1.0:
-                raise ValueError(f"width {width} is outside (0, 1]")
+        check_widths(self.widths)
         check_student_order(self.shape_sampling, self.teacher_assistant, self.distillation)
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")

@@ -28,7 +28,7 @@ from transformers import PreTrainedTokenizerBase, set_seed
 from ..fingerprint import Fingerprint, data_digests, loaded_model_identity, model_dtype, settings_record
 from ..io import write_text_atomically
 from ..modeling.modeling_amoeba import LayerInputs
-from ..modeling.shape_space import Shape, ShapeSpace
+from ..modeling.shape_space import Shape, ShapeSpace, check_widths
 from ..placement import input_device
 from ..selection.data import text_blocks
 from .data import DataFields, is_file_source
@@ -94,9 +94,7 @@ class ReconstructionSettings:
         if self.weight_decay < 0 or not self.max_grad_norm > 0:
             raise ValueError(f"need weight_decay >= 0 and max_grad_norm > 0, got {self.weight_decay}, "
                              f"{self.max_grad_norm}")
-        for width in self.widths or ():
-            if not 0.0 < width <= 1.0:
-                raise ValueError(f"width {width} is outside (0, 1]")
+        check_widths(self.widths)
         if not self.data:
             raise ValueError("no reconstruction data: pass data (--data), .txt or JSON/JSONL files with `text`")
         if self.samples < len(self.data):
